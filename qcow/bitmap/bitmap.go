@@ -72,8 +72,23 @@ func (b *Bitmap) SetRange(first, end uint64) {
 	if end > b.n {
 		end = b.n
 	}
-	for i := first; i < end; i++ {
+	for i := first; i < end; {
+		// Whole words at a time: hints and changed-block maps set ranges
+		// of millions of clusters.
+		if i%64 == 0 && end-i >= 64 {
+			c := b.chunks[i/chunkBits]
+			if c == nil {
+				c = make([]uint64, chunkWords)
+				b.chunks[i/chunkBits] = c
+			}
+			w := (i % chunkBits) / 64
+			b.count += 64 - uint64(bits.OnesCount64(c[w]))
+			c[w] = ^uint64(0)
+			i += 64
+			continue
+		}
 		b.Set(i)
+		i++
 	}
 }
 

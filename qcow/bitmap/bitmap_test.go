@@ -78,3 +78,21 @@ func TestBitmapSparseMemory(t *testing.T) {
 		t.Fatal("NextSet past end")
 	}
 }
+
+func TestSetRange(t *testing.T) {
+	for _, r := range [][2]uint64{{0, 0}, {3, 200}, {64, 128}, {5, chunkBits*2 + 9}, {100, 1 << 20}} {
+		b := New(1 << 20)
+		b.Set(70)
+		b.SetRange(r[0], r[1])
+		want := r[1] - r[0]
+		if r[0] > 70 || r[1] <= 70 {
+			want++
+		}
+		if b.Count() != want {
+			t.Fatalf("%v: count %d want %d", r, b.Count(), want)
+		}
+		if r[1] > r[0] && (!b.Test(r[0]) || !b.Test(r[1]-1) || (r[1] < 1<<20 && b.Test(r[1]) && r[1] != 70)) {
+			t.Fatalf("%v: bad edges", r)
+		}
+	}
+}

@@ -1,0 +1,387 @@
+// Package export turns a raw disk into a qcow2 stream: an allocation pass
+// that decides which clusters the image stores (one bit per cluster), then
+// a data pass that writes the metadata and copies those clusters to the
+// output in guest order — zero-copy (sendfile) where the kernel allows it.
+// Nothing is buffered beyond a few MiB, and the output is never seeked, so
+// it can be a pipe or the HTTP socket xapi hands over.
+package export
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
+	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+)
+
+// Options describe one export.
+type Options struct {
+	Source *rawdisk.Disk
+	// Base, when set, makes the export a diff: only clusters whose bytes
+	// differ from Base are stored. Base may be shorter (its missing tail
+	// reads as zeros) or longer than Source.
+	Base *rawdisk.Disk
+
+	ClusterBits   uint32 // default 16 (64 KiB)
+	RefcountOrder uint32 // default 4 (16-bit refcounts)
+	BackingFile   string // name Base as the image's raw backing file
+
+	// SourceExtents, when non-nil, is where the source may hold data
+	// (e.g. from qemu-img map). Bytes outside it are taken as zeros and are
+	// never read, even if the raw view holds something there. When nil, the
+	// source's own SEEK_DATA extents are used (a block device: all of it).
+	SourceExtents hints.Extents
+	BaseExtents   hints.Extents
+
+	// Changed, when non-nil, is the set of clusters that changed (from a
+	// changed block tracking bitmap). Exactly these clusters are stored,
+	// without reading a base or scanning: a changed cluster that now reads
+	// as zero is still stored, so applying the diff gives the new disk.
+	Changed *bitmap.Bitmap
+
+	// Progress, when set, is called with the bytes done and the bytes of
+	// work in all; it is called often, the caller rate-limits.
+	Progress func(done, total uint64)
+}
+
+// Result reports what an export did.
+type Result struct {
+	Layout       *qcow.Layout
+	ScannedBytes uint64 // bytes read by the allocation pass
+	DataBytes    uint64 // data bytes written
+}
+
+const window = 4 << 20 // read size of both passes
+
+// Run exports opt.Source to out.
+func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
+	if opt.ClusterBits == 0 {
+		opt.ClusterBits = 16
+	}
+	if opt.RefcountOrder == 0 && opt.ClusterBits != 0 {
+		opt.RefcountOrder = 4
+	}
+	src := opt.Source
+	virtualSize := (uint64(src.Size()) + 511) &^ 511
+	cs := uint64(1) << opt.ClusterBits
+	clusters := (virtualSize + cs - 1) / cs
+	if _, err := qcow.PlanLayout(virtualSize, opt.ClusterBits, opt.RefcountOrder, 0, 0); err != nil {
+		return nil, fmt.Errorf("%s: %w", src.Path(), err)
+	}
+	e := &exporter{ctx: ctx, opt: opt, cs: int64(cs), clusters: clusters, size: src.Size()}
+	var err error
+	if e.srcExt, err = e.extentsOf(src, opt.SourceExtents); err != nil {
+		return nil, err
+	}
+	data := bitmap.New(clusters)
+	res := &Result{}
+	if opt.Changed != nil {
+		for g, ok := opt.Changed.NextSet(0); ok && g < clusters; g, ok = opt.Changed.NextSet(g + 1) {
+			data.Set(g)
+		}
+	} else {
+		if opt.Base != nil {
+			if e.baseExt, err = e.extentsOf(opt.Base, opt.BaseExtents); err != nil {
+				return nil, err
+			}
+		}
+		if res.ScannedBytes, err = e.scan(data); err != nil {
+			return nil, err
+		}
+	}
+	a := qcow.Allocation{VirtualSize: virtualSize, ClusterBits: opt.ClusterBits, RefcountOrder: opt.RefcountOrder, Data: data}
+	if opt.BackingFile != "" {
+		a.BackingFile, a.BackingFormat = opt.BackingFile, "raw"
+	}
+	w, err := qcow.NewWriter(out, a)
+	if err != nil {
+		return nil, err
+	}
+	res.Layout = w.Layout()
+	e.total = res.ScannedBytes + data.Count()*cs
+	e.done = res.ScannedBytes
+	if err := w.WriteMetadata(); err != nil {
+		return nil, outputError(err)
+	}
+	if err := e.copyData(w, out, data); err != nil {
+		return nil, err
+	}
+	res.DataBytes = data.Count() * cs
+	return res, w.Close()
+}
+
+type exporter struct {
+	ctx      context.Context
+	opt      Options
+	cs       int64
+	clusters uint64
+	size     int64 // source size in bytes
+	srcExt   hints.Extents
+	baseExt  hints.Extents
+	done     uint64
+	total    uint64
+}
+
+// OutputError wraps a failure to write the output, so the command can say
+// the reader went away rather than blame the disk.
+type OutputError struct{ Err error }
+
+func (e *OutputError) Error() string { return "writing output: " + e.Err.Error() }
+func (e *OutputError) Unwrap() error { return e.Err }
+
+func outputError(err error) error {
+	var oe *OutputError
+	if err == nil || errors.As(err, &oe) {
+		return err
+	}
+	return &OutputError{err}
+}
+
+func (e *exporter) extentsOf(d *rawdisk.Disk, given hints.Extents) (hints.Extents, error) {
+	if given != nil {
+		return hints.Normalize(append([]hints.Extent(nil), given...), d.Size()), nil
+	}
+	return hints.Collect(d.DataExtents, d.Size())
+}
+
+func (e *exporter) progress(n uint64) {
+	e.done += n
+	if e.opt.Progress != nil {
+		e.opt.Progress(e.done, e.total)
+	}
+}
+
+// readMasked reads [off, off+len(buf)) of d into buf with everything outside
+// ext (and past the disk's end) zeroed; bytes outside ext are never read.
+func readMasked(d *rawdisk.Disk, ext hints.Extents, buf []byte, off int64) error {
+	clear(buf)
+	end := off + int64(len(buf))
+	for _, x := range overlapping(ext, off, end) {
+		a, b := max(x.Start, off), min(x.End, end)
+		// O_DIRECT needs aligned reads: widen to the alignment, then copy.
+		if d.Direct() {
+			aa := a &^ (rawdisk.Alignment - 1)
+			bb := (b + rawdisk.Alignment - 1) &^ (rawdisk.Alignment - 1)
+			if aa >= off && bb <= end && (aa-off)%rawdisk.Alignment == 0 && int64(len(buf)) >= bb-off {
+				// Reading whole aligned blocks into buf may bring in bytes
+				// outside the extent: clear them again afterwards.
+				if _, err := d.ReadAt(buf[aa-off:bb-off], aa); err != nil && err != io.EOF {
+					return err
+				}
+				clear(buf[aa-off : a-off])
+				clear(buf[b-off : bb-off])
+				continue
+			}
+			tmp := rawdisk.AlignedBuffer(int(bb - aa))
+			if _, err := d.ReadAt(tmp, aa); err != nil && err != io.EOF {
+				return err
+			}
+			copy(buf[a-off:b-off], tmp[a-aa:])
+			continue
+		}
+		if _, err := d.ReadAt(buf[a-off:b-off], a); err != nil && err != io.EOF {
+			return err
+		}
+	}
+	return nil
+}
+
+// overlapping returns the extents of ext that intersect [start, end).
+func overlapping(ext hints.Extents, start, end int64) hints.Extents {
+	lo, hi := 0, len(ext)
+	for lo < hi { // first extent ending after start
+		m := (lo + hi) / 2
+		if ext[m].End <= start {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	i := lo
+	for i < len(ext) && ext[i].Start < end {
+		i++
+	}
+	return ext[lo:i]
+}
+
+var zeroWindow = make([]byte, window)
+
+// scan is the allocation pass: it reads each candidate cluster once (and
+// the base's bytes at the same place) and sets the clusters to store.
+func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
+	span := int64(e.clusters) * e.cs
+	cand := hints.Union(e.srcExt, e.baseExt, span).AlignOut(e.cs, span)
+	e.total = 2 * uint64(cand.Bytes())
+	srcBuf := rawdisk.AlignedBuffer(window)
+	var baseBuf []byte
+	if e.opt.Base != nil {
+		baseBuf = rawdisk.AlignedBuffer(window)
+	}
+	win := max(int64(window)/e.cs, 1) * e.cs
+	var scanned uint64
+	for _, x := range cand {
+		for off := x.Start; off < x.End; off += win {
+			if err := e.ctx.Err(); err != nil {
+				return scanned, err
+			}
+			n := min(win, x.End-off)
+			sb := srcBuf[:n]
+			if err := readMasked(e.opt.Source, e.srcExt, sb, off); err != nil {
+				return scanned, err
+			}
+			var bb []byte
+			if baseBuf != nil {
+				bb = baseBuf[:n]
+				if err := readMasked(e.opt.Base, e.baseExt, bb, off); err != nil {
+					return scanned, err
+				}
+			}
+			for c := int64(0); c < n; c += e.cs {
+				s := sb[c : c+e.cs]
+				var differs bool
+				if bb != nil {
+					differs = !bytes.Equal(s, bb[c:c+e.cs])
+				} else {
+					differs = !bytes.Equal(s, zeroWindow[:e.cs])
+				}
+				if differs {
+					data.Set(uint64((off + c) / e.cs))
+				}
+			}
+			scanned += uint64(n)
+			e.progress(uint64(n))
+		}
+	}
+	return scanned, nil
+}
+
+// copyData is the data pass: for each run of stored clusters, the bytes
+// inside the source's extents are copied (zero-copy when possible) and the
+// rest, including the padding of a partial last cluster, written as zeros.
+func (e *exporter) copyData(w *qcow.Writer, out io.Writer, data *bitmap.Bitmap) error {
+	c := newCopier(e.opt.Source, out)
+	for g, ok := data.NextSet(0); ok; {
+		end := data.NextClear(g)
+		start, stop := int64(g)*e.cs, int64(end)*e.cs
+		for off := start; off < stop; {
+			if err := e.ctx.Err(); err != nil {
+				return err
+			}
+			n := min(int64(window), stop-off)
+			if err := e.copyRange(c, off, off+n); err != nil {
+				return err
+			}
+			if err := w.Account(uint64(n)); err != nil {
+				return err
+			}
+			e.progress(uint64(n))
+			off += n
+		}
+		g, ok = data.NextSet(end)
+	}
+	return nil
+}
+
+func (e *exporter) copyRange(c *copier, start, end int64) error {
+	pos := start
+	for _, x := range overlapping(e.srcExt, start, end) {
+		a, b := max(x.Start, start), min(x.End, end)
+		if a > pos {
+			if err := c.zeros(a - pos); err != nil {
+				return err
+			}
+		}
+		if err := c.copy(a, b-a); err != nil {
+			return err
+		}
+		pos = b
+	}
+	if pos < end {
+		return c.zeros(end - pos)
+	}
+	return nil
+}
+
+// copier moves bytes from the source to the output: sendfile when both
+// sides allow it, otherwise aligned reads and writes.
+type copier struct {
+	src      *rawdisk.Disk
+	out      io.Writer
+	outFile  *os.File
+	sendfile bool
+	buf      []byte
+}
+
+func newCopier(src *rawdisk.Disk, out io.Writer) *copier {
+	c := &copier{src: src, out: out}
+	if f, ok := out.(*os.File); ok && !src.Direct() {
+		c.outFile, c.sendfile = f, true
+		growPipe(f)
+	}
+	return c
+}
+
+func (c *copier) zeros(n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeroWindow)))
+		if _, err := c.out.Write(zeroWindow[:k]); err != nil {
+			return outputError(err)
+		}
+		n -= k
+	}
+	return nil
+}
+
+func (c *copier) copy(off, n int64) error {
+	if c.sendfile {
+		done, err := sendfile(c.outFile, c.src, off, n)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, errNoSendfile) && done == 0:
+			c.sendfile = false // fall back for good
+		default:
+			return err
+		}
+	}
+	if c.buf == nil {
+		c.buf = rawdisk.AlignedBuffer(window)
+	}
+	for n > 0 {
+		k := min(n, int64(len(c.buf)))
+		// Direct reads need aligned offsets: read around the range.
+		aoff := off
+		if c.src.Direct() {
+			aoff = off &^ (rawdisk.Alignment - 1)
+		}
+		lead := off - aoff
+		k = min(k, int64(len(c.buf))-lead)
+		rn := lead + k
+		if c.src.Direct() {
+			rn = (rn + rawdisk.Alignment - 1) &^ (rawdisk.Alignment - 1)
+			if rn > int64(len(c.buf)) {
+				rn -= rawdisk.Alignment
+				k = rn - lead
+			}
+		}
+		got, err := c.src.ReadAt(c.buf[:rn], aoff)
+		if err != nil && err != io.EOF {
+			return err
+		}
+		if int64(got) < lead+k {
+			return &rawdisk.DiskError{Path: c.src.Path(), Op: "read", Err: fmt.Errorf("disk shrank: it ends at %d, it was %d bytes when the export started", aoff+int64(got), c.src.Size())}
+		}
+		if _, err := c.out.Write(c.buf[lead : lead+k]); err != nil {
+			return outputError(err)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}

@@ -1,0 +1,58 @@
+package vhdcompat
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Endpoint is a parsed vhd-tool source or destination: stdin:, stdout:,
+// null:, fd://N, file://PATH or a plain path.
+type Endpoint struct {
+	Kind string // "stdin", "stdout", "null", "fd", "file"
+	Path string // for "file"
+	FD   int    // for "fd"
+}
+
+// ParseEndpoint parses a vhd-tool URI. A string without a scheme is a path.
+func ParseEndpoint(s string) (Endpoint, error) {
+	switch {
+	case s == "stdin:":
+		return Endpoint{Kind: "stdin"}, nil
+	case s == "stdout:":
+		return Endpoint{Kind: "stdout"}, nil
+	case s == "null:":
+		return Endpoint{Kind: "null"}, nil
+	case strings.HasPrefix(s, "fd://"):
+		n, err := strconv.Atoi(s[len("fd://"):])
+		if err != nil || n < 0 {
+			return Endpoint{}, &UsageError{fmt.Sprintf("%q: fd:// needs a descriptor number", s)}
+		}
+		return Endpoint{Kind: "fd", FD: n}, nil
+	case strings.HasPrefix(s, "file://"):
+		p := s[len("file://"):]
+		if p == "" {
+			return Endpoint{}, &UsageError{fmt.Sprintf("%q: file:// needs a path", s)}
+		}
+		return Endpoint{Kind: "file", Path: p}, nil
+	case strings.Contains(s, "://") || strings.HasSuffix(s, ":") && !strings.Contains(s, "/"):
+		return Endpoint{}, &UsageError{fmt.Sprintf("%q: unsupported URI (supported: stdin:, stdout:, null:, fd://N, file://PATH, or a path)", s)}
+	case s == "":
+		return Endpoint{}, &UsageError{"empty source or destination"}
+	}
+	return Endpoint{Kind: "file", Path: s}, nil
+}
+
+// FDFile returns an *os.File for an inherited descriptor, checking that it
+// is open.
+func FDFile(fd int, name string) (*os.File, error) {
+	f := os.NewFile(uintptr(fd), name)
+	if f == nil {
+		return nil, fmt.Errorf("%s: descriptor %d is not valid", name, fd)
+	}
+	if _, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("%s: descriptor %d is not open", name, fd)
+	}
+	return f, nil
+}

@@ -1,0 +1,179 @@
+// Package wrapper is what xapi sees: the command lines it runs (including
+// the drop-in names qcow2-to-stdout and qcow-stream-tool), the exit status,
+// the one-line error text that becomes a VDI_IO_ERROR, signal handling and
+// logging to the systemd journal.
+package wrapper
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/alecthomas/kong"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
+)
+
+// Name is the program name used in messages and as the journal's
+// SYSLOG_IDENTIFIER.
+const Name = "xapi-qcow-tool"
+
+// Version is stamped at build time (-ldflags -X).
+var Version = "dev"
+
+// Main runs the program with argv and returns the exit status.
+func Main(argv []string) int {
+	// Writes to a closed stdout must come back as EPIPE, not kill us with
+	// SIGPIPE: we say what happened and exit non-zero.
+	signal.Ignore(syscall.SIGPIPE)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		s, ok := <-sigs
+		if ok {
+			cancel(fmt.Errorf("received %s", signalName(s)))
+		}
+	}()
+	env := &vhdcompat.Env{Ctx: ctx, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+	return Run(env, argv)
+}
+
+func signalName(s os.Signal) string {
+	switch s {
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	case syscall.SIGINT:
+		return "SIGINT"
+	}
+	return s.String()
+}
+
+// Run dispatches on the name the program was started under, then parses
+// the command line and runs the command.
+func Run(env *vhdcompat.Env, argv []string) int {
+	base := filepath.Base(argv[0])
+	args := argv[1:]
+	switch base {
+	case "qcow2-to-stdout", "qcow2-to-stdout.py":
+		args = append([]string{"qcow2-to-stdout"}, args...)
+	case "qcow-stream-tool":
+		// qcow-stream-tool's own command line: stream_decode PATH.
+	}
+	logger, closeLog := newLogger(env, args)
+	defer closeLog()
+	env.Log = logger
+	code := run(env, args)
+	return code
+}
+
+func run(env *vhdcompat.Env, args []string) int {
+	cli := &CLI{}
+	exitCode := -1
+	parser, err := kong.New(cli,
+		kong.Name(Name),
+		kong.Description("Moves virtual disks between raw storage and qcow2 streams, for XenServer / XCP-ng."),
+		kong.UsageOnError(),
+		kong.Vars{"version": Version},
+		kong.Writers(env.Stdout, env.Stderr),
+		kong.Exit(func(code int) { exitCode = code; panic(exitSignal{}) }),
+		kong.Bind(env),
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+	)
+	if err != nil {
+		return fail(env, fmt.Errorf("internal error: %w", err), 1)
+	}
+	var kctx *kong.Context
+	func() {
+		defer func() {
+			if r := recover(); r != nil {
+				if _, ok := r.(exitSignal); !ok {
+					panic(r)
+				}
+			}
+		}()
+		kctx, err = parser.Parse(args)
+	}()
+	if exitCode >= 0 {
+		return exitCode // --help, --version
+	}
+	if err != nil {
+		return fail(env, usageText(err), 2)
+	}
+	err = kctx.Run(env)
+	if err == nil {
+		env.Log.Info("finished", "command", kctx.Command())
+		return 0
+	}
+	var ue *vhdcompat.UsageError
+	if errors.As(err, &ue) {
+		return fail(env, err, 2)
+	}
+	var ee *vhdcompat.ExitError
+	if errors.As(err, &ee) {
+		if ee.Err != nil {
+			return fail(env, ee.Err, ee.Code)
+		}
+		return ee.Code
+	}
+	return fail(env, err, 1)
+}
+
+type exitSignal struct{}
+
+func usageText(err error) error {
+	return &vhdcompat.UsageError{Msg: err.Error() + " (see --help)"}
+}
+
+// fail prints the one line xapi shows the API client, logs it at error
+// priority, and returns code.
+func fail(env *vhdcompat.Env, err error, code int) int {
+	msg := OneLine(err.Error())
+	fmt.Fprintf(env.Stderr, "%s: %s\n", Name, msg)
+	if env.Log != nil {
+		env.Log.Error(msg, "exit_status", code)
+	}
+	return code
+}
+
+// OneLine folds a message to a single line.
+func OneLine(s string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+}
+
+// newLogger returns the journal logger (see journal.go); stderr gets
+// failures only, from fail, unless -v asks for more.
+func newLogger(env *vhdcompat.Env, args []string) (*slog.Logger, func()) {
+	var handlers []slog.Handler
+	if h := newJournalHandler(args); h != nil {
+		handlers = append(handlers, h)
+	}
+	for _, a := range args {
+		if a == "-v" || a == "--verbose" || a == "--debug" {
+			handlers = append(handlers, slog.NewTextHandler(stderrNoErrors{env.Stderr}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			break
+		}
+	}
+	if len(handlers) == 0 {
+		return slog.New(slog.DiscardHandler), func() {}
+	}
+	return slog.New(slog.NewMultiHandler(handlers...)), func() {}
+}
+
+// stderrNoErrors drops error records from the verbose stderr log: fail
+// already printed the error line, and xapi reads stderr as the message.
+type stderrNoErrors struct{ w io.Writer }
+
+func (s stderrNoErrors) Write(p []byte) (int, error) {
+	if strings.Contains(string(p), "level=ERROR") {
+		return len(p), nil
+	}
+	return s.w.Write(p)
+}
