@@ -1,0 +1,246 @@
+// Package tests runs the built binary end to end, with qemu-img and qemu-io
+// as the judges of qcow2, loop devices as real block devices, and real
+// pipes. Helpers here are shared by every test file of the package.
+package tests
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// bin is the path of the binary under test, built once by TestMain.
+var bin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "xqt-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = filepath.Join(dir, "xapi-qcow-tool")
+	build := exec.Command("go", "build", "-o", bin, "../cmd/xapi-qcow-tool")
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building the binary:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// result is what a run of the binary did.
+type result struct {
+	Stdout, Stderr []byte
+	Code           int
+}
+
+// runTool runs the binary with args, stdin from in (nil: /dev/null), and a
+// timeout so that a hang fails the test instead of the CI run.
+func runTool(t testing.TB, in []byte, args ...string) result {
+	t.Helper()
+	return runAs(t, bin, in, args...)
+}
+
+func runAs(t testing.TB, path string, in []byte, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, args...)
+	if in != nil {
+		cmd.Stdin = bytes.NewReader(in)
+	}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("%s %s: timed out", filepath.Base(path), strings.Join(args, " "))
+	}
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("running %s: %v", path, err)
+	}
+	return result{out.Bytes(), errb.Bytes(), code}
+}
+
+// mustRun runs the binary and fails the test unless it exits 0.
+func mustRun(t testing.TB, in []byte, args ...string) []byte {
+	t.Helper()
+	r := runTool(t, in, args...)
+	if r.Code != 0 {
+		t.Fatalf("xapi-qcow-tool %s: exit %d: %s", strings.Join(args, " "), r.Code, r.Stderr)
+	}
+	return r.Stdout
+}
+
+// exportToFile runs an export with stdout redirected to a new file (no
+// buffering of the image in the test's memory) and returns its path.
+func exportToFile(t testing.TB, out string, args ...string) {
+	t.Helper()
+	f, err := os.Create(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = f
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("xapi-qcow-tool %s: %v: %s", strings.Join(args, " "), err, errb.Bytes())
+	}
+}
+
+// checkOneLineError asserts a failed run: non-zero exit, nothing on
+// stdout, exactly one line on stderr starting with the program name and
+// containing want.
+func checkOneLineError(t testing.TB, r result, want string) {
+	t.Helper()
+	if r.Code == 0 {
+		t.Fatalf("expected failure, got exit 0")
+	}
+	if len(r.Stdout) != 0 {
+		t.Fatalf("expected nothing on stdout, got %d bytes", len(r.Stdout))
+	}
+	msg := string(r.Stderr)
+	if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "xapi-qcow-tool: ") {
+		t.Fatalf("expected one line 'xapi-qcow-tool: ...' on stderr, got %q", msg)
+	}
+	if !strings.Contains(msg, want) {
+		t.Fatalf("error %q does not mention %q", msg, want)
+	}
+}
+
+func needQemu(t testing.TB) {
+	t.Helper()
+	for _, p := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(p); err != nil {
+			t.Skipf("SKIP: %s not installed (Debian package qemu-utils)", p)
+		}
+	}
+}
+
+// qemu runs a qemu tool and fails the test on error.
+func qemu(t testing.TB, tool string, args ...string) []byte {
+	t.Helper()
+	out, err := exec.Command(tool, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// qemuCheck asserts qemu-img check finds no errors and no leaks.
+func qemuCheck(t testing.TB, img string) {
+	t.Helper()
+	qemu(t, "qemu-img", "check", img)
+}
+
+// qemuCompare asserts a qcow2 image has the content of a raw file.
+func qemuCompare(t testing.TB, img, raw string) {
+	t.Helper()
+	qemu(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, raw)
+}
+
+// mapEntry is one element of qemu-img map --output=json.
+type mapEntry struct {
+	Start  int64  `json:"start"`
+	Length int64  `json:"length"`
+	Zero   bool   `json:"zero"`
+	Data   bool   `json:"data"`
+	Offset *int64 `json:"offset"`
+}
+
+func qemuMap(t testing.TB, img string) []mapEntry {
+	t.Helper()
+	var m []mapEntry
+	if err := json.Unmarshal(qemu(t, "qemu-img", "map", "--output=json", img), &m); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// dataExtents returns the [start, length] pairs qemu-img map reports as data.
+func dataExtents(t testing.TB, img string) [][2]int64 {
+	var out [][2]int64
+	for _, e := range qemuMap(t, img) {
+		if e.Data {
+			out = append(out, [2]int64{e.Start, e.Length})
+		}
+	}
+	return out
+}
+
+type imgInfo struct {
+	VirtualSize int64  `json:"virtual-size"`
+	ClusterSize int64  `json:"cluster-size"`
+	Format      string `json:"format"`
+}
+
+func qemuInfo(t testing.TB, img string) imgInfo {
+	t.Helper()
+	var i imgInfo
+	if err := json.Unmarshal(qemu(t, "qemu-img", "info", "--output=json", img), &i); err != nil {
+		t.Fatal(err)
+	}
+	return i
+}
+
+// writeRandom writes n random bytes at off of path (creating it).
+func writeRandom(t testing.TB, r *rand.Rand, path string, off, n int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, n)
+	r.Read(buf)
+	if _, err := f.WriteAt(buf, off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sparseFile creates a sparse file of size bytes.
+func sparseFile(t testing.TB, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loopDevice attaches a loop device to file and detaches it at the end of
+// the test. It skips, visibly, where losetup is refused.
+func loopDevice(t testing.TB, file string, direct bool) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: loop devices need root")
+	}
+	args := []string{"--show", "-f"}
+	if direct {
+		args = append(args, "--direct-io=on")
+	}
+	out, err := exec.Command("losetup", append(args, file)...).CombinedOutput()
+	if err != nil {
+		t.Skipf("SKIP: losetup refused here: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	return dev
+}
