@@ -157,6 +157,7 @@ func qemuCompare(t testing.TB, img, raw string) {
 type mapEntry struct {
 	Start  int64  `json:"start"`
 	Length int64  `json:"length"`
+	Depth  int    `json:"depth"`
 	Zero   bool   `json:"zero"`
 	Data   bool   `json:"data"`
 	Offset *int64 `json:"offset"`
@@ -171,11 +172,12 @@ func qemuMap(t testing.TB, img string) []mapEntry {
 	return m
 }
 
-// dataExtents returns the [start, length] pairs qemu-img map reports as data.
+// dataExtents returns the [start, length] pairs qemu-img map reports as
+// data in the image itself (not in its backing file).
 func dataExtents(t testing.TB, img string) [][2]int64 {
 	var out [][2]int64
 	for _, e := range qemuMap(t, img) {
-		if e.Data {
+		if e.Data && e.Depth == 0 {
 			out = append(out, [2]int64{e.Start, e.Length})
 		}
 	}
