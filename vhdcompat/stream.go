@@ -102,47 +102,6 @@ func (c *StreamCmd) Run(env *Env) error {
 	req := &ExportRequest{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: c.BackingFile, RefuseTerminal: true}
 	defer req.Close()
 
-	// The destination first: refusing a terminal must happen before any
-	// work, and the progress channel depends on it.
-	switch {
-	case c.DestinationFD != nil:
-		f, err := FDFile(*c.DestinationFD, "--destination-fd")
-		if err != nil {
-			return err
-		}
-		req.Out, req.OutName = f, fmt.Sprintf("fd %d", *c.DestinationFD)
-	default:
-		ep, err := ParseEndpoint(c.Destination)
-		if err != nil {
-			return err
-		}
-		switch ep.Kind {
-		case "stdout":
-			req.Out, req.OutName = env.Stdout, "stdout"
-		case "null":
-			f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-			if err != nil {
-				return err
-			}
-			req.Out, req.OutName, req.RefuseTerminal = f, "null:", false
-		case "fd":
-			f, err := FDFile(ep.FD, "--destination")
-			if err != nil {
-				return err
-			}
-			req.Out, req.OutName = f, fmt.Sprintf("fd %d", ep.FD)
-		case "file":
-			f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-			if err != nil {
-				return fmt.Errorf("destination %s: %w", ep.Path, unwrapPath(err))
-			}
-			req.Out, req.OutName = f, ep.Path
-		default:
-			return &UsageError{fmt.Sprintf("--destination %s is not a place to write to", c.Destination)}
-		}
-	}
-	req.OutputCarriesStream = req.Out == env.Stdout || req.Out.Fd() == 1
-
 	srcPath := c.Source
 	switch {
 	case c.SourceFD != nil:
@@ -185,6 +144,48 @@ func (c *StreamCmd) Run(env *Env) error {
 	if err := c.loadHints(req); err != nil {
 		return err
 	}
+	// The destination last: a file destination is truncated when opened,
+	// so every check of the source comes first. Nothing is read or written
+	// before RunExport has refused a terminal.
+	switch {
+	case c.DestinationFD != nil:
+		f, err := FDFile(*c.DestinationFD, "--destination-fd")
+		if err != nil {
+			return err
+		}
+		req.Out, req.OutName = f, fmt.Sprintf("fd %d", *c.DestinationFD)
+	default:
+		ep, err := ParseEndpoint(c.Destination)
+		if err != nil {
+			return err
+		}
+		switch ep.Kind {
+		case "stdout":
+			req.Out, req.OutName = env.Stdout, "stdout"
+		case "null":
+			f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+			if err != nil {
+				return err
+			}
+			req.Out, req.OutName, req.RefuseTerminal = f, "null:", false
+		case "fd":
+			f, err := FDFile(ep.FD, "--destination")
+			if err != nil {
+				return err
+			}
+			req.Out, req.OutName = f, fmt.Sprintf("fd %d", ep.FD)
+		case "file":
+			f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+			if err != nil {
+				return fmt.Errorf("destination %s: %w", ep.Path, unwrapPath(err))
+			}
+			req.Out, req.OutName = f, ep.Path
+		default:
+			return &UsageError{fmt.Sprintf("--destination %s is not a place to write to", c.Destination)}
+		}
+	}
+	req.OutputCarriesStream = req.Out == env.Stdout || req.Out.Fd() == 1
+
 	progress, err := c.ProgressFlags.Reporter(env, req.OutputCarriesStream)
 	if err != nil {
 		return err
