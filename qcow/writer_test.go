@@ -110,3 +110,7 @@ func TestEncodeQemuCheck(t *testing.T) {
 		}
 	}
 }
+
+func newEmpty(l *Layout) *bitmap.Bitmap {
+	return bitmap.New((l.VirtualSize + l.ClusterSize() - 1) / l.ClusterSize())
+}
