@@ -1,0 +1,252 @@
+// Package importer writes a decoded qcow2 image to a raw disk: the sink
+// turns the decoder's extents (data, zeros, unallocated) into large
+// writes and cheap zeroing, and Run drives a whole import — opening the
+// source and destination, validating everything before the first write,
+// and fsync before success. It is shared by `serve` and `stream_decode`.
+package importer
+
+import (
+	"bytes"
+	"fmt"
+
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+)
+
+// Target is where a sink writes; *rawdisk.Disk is one.
+type Target interface {
+	// WriteAtAnyAlignment writes all of p at off (see rawdisk).
+	WriteAtAnyAlignment(p []byte, off int64) error
+	// Zero makes [off, off+n) read as zeros.
+	Zero(off, n int64) error
+	Direct() bool
+}
+
+var _ Target = (*rawdisk.Disk)(nil)
+
+const (
+	// DefaultMaxWrite is the largest write the sink coalesces extents into.
+	DefaultMaxWrite = 4 << 20
+	// block is the granularity of all-zero detection: a file system block
+	// and the O_DIRECT alignment.
+	block = rawdisk.Alignment
+	// smallZero is the length below which a range that must be zeroed is
+	// written as zeros with its neighbours rather than zeroed on its own:
+	// one large write beats a write, a hole punch and another write.
+	smallZero = 64 << 10
+)
+
+// SinkOptions say what the destination already holds and what to do with
+// clusters the image does not allocate.
+type SinkOptions struct {
+	// Size bounds every write: [0, Size) (the image's virtual size, which
+	// the caller checked fits the destination).
+	Size int64
+	// Delta leaves what the image does not allocate untouched (applying a
+	// diff on top of a copy of its base). Zero-flag clusters are still
+	// zeroed.
+	Delta bool
+	// KnownZeroFrom is where the destination starts to read as zeros
+	// already (a regular file extended from that size by this import):
+	// zeros there are neither written nor punched. Size or more for none.
+	KnownZeroFrom int64
+	// MaxWrite bounds a coalesced write; 0 means DefaultMaxWrite.
+	MaxWrite int
+}
+
+// Stats counts what a sink did, in bytes.
+type Stats struct {
+	Written int64 // bytes written (data, and zeros written with it)
+	Zeroed  int64 // bytes zeroed by Target.Zero
+	Skipped int64 // zeros neither written nor zeroed: already zero, or untouched in delta mode
+	Writes  int64 // number of write calls
+}
+
+// Sink writes extents to a Target. Extents may come in any order, but
+// must not overlap (the decoder covers each byte once): writes are
+// coalesced only when an extent starts where the pending one ends.
+type Sink struct {
+	t   Target
+	opt SinkOptions
+
+	// buf holds pending bytes for the disk range [pend, end). buf[0]
+	// stands for bufStart, pend rounded down to the block size, so that
+	// the buffer's alignment in memory matches the disk's (O_DIRECT).
+	buf      []byte
+	bufStart int64
+	pend     int64
+	end      int64
+
+	Stats Stats
+}
+
+// NewSink returns a sink writing to t.
+func NewSink(t Target, opt SinkOptions) *Sink {
+	if opt.MaxWrite <= 0 {
+		opt.MaxWrite = DefaultMaxWrite
+	}
+	opt.MaxWrite = (opt.MaxWrite + block - 1) &^ (block - 1)
+	if opt.KnownZeroFrom < 0 {
+		opt.KnownZeroFrom = 0
+	}
+	return &Sink{t: t, opt: opt, buf: rawdisk.AlignedBuffer(opt.MaxWrite + block), pend: -1, end: -1}
+}
+
+// BoundsError is an extent outside [0, Size).
+type BoundsError struct {
+	Off, Len, Size int64
+}
+
+func (e *BoundsError) Error() string {
+	return fmt.Sprintf("extent of %d bytes at offset %d lies outside the destination's %d bytes", e.Len, e.Off, e.Size)
+}
+
+func (s *Sink) check(off, n int64) error {
+	if off < 0 || n < 0 || off > s.opt.Size || n > s.opt.Size-off {
+		return &BoundsError{Off: off, Len: n, Size: s.opt.Size}
+	}
+	return nil
+}
+
+func (s *Sink) knownZero(off int64) bool { return off >= s.opt.KnownZeroFrom }
+
+// Data writes p at off (all-zero blocks in it are skipped or zeroed
+// instead of written, when the pending write is flushed).
+func (s *Sink) Data(off int64, p []byte) error {
+	if err := s.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	for len(p) > 0 {
+		dst, err := s.room(off, int64(len(p)))
+		if err != nil {
+			return err
+		}
+		n := copy(dst, p)
+		off += int64(n)
+		p = p[n:]
+	}
+	return nil
+}
+
+// Zero makes [off, off+n) read as zeros (a zero-flag cluster).
+func (s *Sink) Zero(off, n int64) error {
+	if err := s.check(off, n); err != nil {
+		return err
+	}
+	return s.zero(off, n)
+}
+
+// Unallocated handles [off, off+n) that the image does not allocate:
+// zeroed, or left untouched in delta mode.
+func (s *Sink) Unallocated(off, n int64) error {
+	if err := s.check(off, n); err != nil {
+		return err
+	}
+	if s.opt.Delta {
+		s.Stats.Skipped += n
+		return nil
+	}
+	return s.zero(off, n)
+}
+
+func (s *Sink) zero(off, n int64) error {
+	if n == 0 {
+		return nil
+	}
+	if s.knownZero(off) {
+		s.Stats.Skipped += n
+		return nil
+	}
+	if n < smallZero && s.end == off {
+		// Short and next to pending data: ride along with it (Flush
+		// still zeroes it cheaply if the run of zeros grows long).
+		for n > 0 {
+			dst, err := s.room(off, n)
+			if err != nil {
+				return err
+			}
+			clear(dst)
+			off += int64(len(dst))
+			n -= int64(len(dst))
+		}
+		return nil
+	}
+	s.Stats.Zeroed += n
+	return s.t.Zero(off, n)
+}
+
+// room returns buffer space for the disk range starting at off, at most n
+// bytes, flushing the pending write when off does not continue it or the
+// buffer is full.
+func (s *Sink) room(off, n int64) ([]byte, error) {
+	if s.end != off || s.end-s.bufStart >= int64(s.opt.MaxWrite) {
+		if err := s.Flush(); err != nil {
+			return nil, err
+		}
+		s.bufStart = off &^ (block - 1)
+		s.pend, s.end = off, off
+	}
+	i := s.end - s.bufStart
+	l := min(n, int64(s.opt.MaxWrite)-i)
+	s.end += l
+	return s.buf[i : i+l], nil
+}
+
+var zeroBlock [block]byte
+
+// Flush writes the pending range. Runs of whole all-zero blocks in it are
+// skipped where the destination already reads as zero, zeroed cheaply when
+// long, and written with their neighbours when short.
+func (s *Sink) Flush() error {
+	if s.end <= s.pend {
+		s.pend, s.end = -1, -1
+		return nil
+	}
+	pend, end := s.pend, s.end
+	s.pend, s.end = -1, -1
+	buf := func(a, b int64) []byte { return s.buf[a-s.bufStart : b-s.bufStart] }
+
+	// Walk whole blocks; w is the start of what is still to be written.
+	w := pend
+	first := (pend + block - 1) &^ (block - 1)
+	for b := first; b+block <= end; {
+		if !bytes.Equal(buf(b, b+block), zeroBlock[:]) {
+			b += block
+			continue
+		}
+		z := b + block
+		for z+block <= end && bytes.Equal(buf(z, z+block), zeroBlock[:]) {
+			z += block
+		}
+		switch {
+		case s.knownZero(b):
+			if err := s.write(buf(w, b), w); err != nil {
+				return err
+			}
+			s.Stats.Skipped += z - b
+			w = z
+		case z-b >= smallZero:
+			if err := s.write(buf(w, b), w); err != nil {
+				return err
+			}
+			if err := s.t.Zero(b, z-b); err != nil {
+				return err
+			}
+			s.Stats.Zeroed += z - b
+			w = z
+		}
+		b = z
+	}
+	return s.write(buf(w, end), w)
+}
+
+func (s *Sink) write(p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	if err := s.t.WriteAtAnyAlignment(p, off); err != nil {
+		return err
+	}
+	s.Stats.Written += int64(len(p))
+	s.Stats.Writes++
+	return nil
+}
