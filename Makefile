@@ -49,8 +49,10 @@ bench: build
 rpm:
 	bash packaging/build-rpm.sh
 
+# Builds the RPM, unpacks it and checks paths, fragment, man page, licences
+# and the packaged binary (packaging/test-rpm.sh).
 rpm-check:
-	@echo "rpm-check: not yet written"
+	bash packaging/test-rpm.sh
 
 clean:
 	rm -rf bin dist sample.img sample.qcow2
