@@ -1,32 +1,454 @@
 package wrapper
 
 import (
-	"errors"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
 
+	"github.com/alecthomas/kong"
+	"golang.org/x/sys/unix"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
 )
 
-// Support commands: info, map, check, compare, completion.
-// (Being written: see issue 5.)
+// Support commands: info, map, check, compare and completion. They read a
+// qcow2 file (opened read-only) or, for the path "-", a stream on stdin;
+// the format logic is in qcow/inspect.
 
-type InfoCmd struct{}
+// outputFlag is the --output choice shared by info, map and check.
+type outputFlag struct {
+	Output string `enum:"human,json" default:"human" help:"Output format: human or json (the field names of qemu-img's --output=json)."`
+}
 
-func (c *InfoCmd) Run(env *vhdcompat.Env) error { return errors.New("info: not implemented yet") }
+// input is an opened file to inspect.
+type input struct {
+	f    *os.File
+	size int64
+}
 
-type MapCmd struct{}
+// openInput opens path read-only and finds its size (block devices have a
+// zero st_size: seek to their end instead).
+func openInput(path string) (*input, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if fi.IsDir() {
+		f.Close()
+		return nil, fmt.Errorf("%s: is a directory", path)
+	}
+	size := fi.Size()
+	if fi.Mode()&os.ModeDevice != 0 {
+		if size, err = f.Seek(0, io.SeekEnd); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("%s: finding the size: %w", path, err)
+		}
+	}
+	return &input{f: f, size: size}, nil
+}
 
-func (c *MapCmd) Run(env *vhdcompat.Env) error { return errors.New("map: not implemented yet") }
+// DataAt reports whether off is in data or in a hole of the file, and where
+// that run ends (SEEK_DATA / SEEK_HOLE).
+func (in *input) DataAt(off, end int64) (bool, int64, error) {
+	fd := int(in.f.Fd())
+	data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	if err == unix.ENXIO { // no data at or after off: a hole to the end
+		return false, end, nil
+	}
+	if err != nil {
+		return true, end, err
+	}
+	if data > off {
+		return false, min(data, end), nil
+	}
+	hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
+	if err != nil {
+		return true, end, err
+	}
+	return true, min(hole, end), nil
+}
 
-type CheckCmd struct{}
+// AllocatedBytes is the space the file takes on its file system.
+func (in *input) AllocatedBytes() (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(in.f.Fd()), &st); err != nil {
+		return 0, err
+	}
+	return st.Blocks * 512, nil
+}
 
-func (c *CheckCmd) Run(env *vhdcompat.Env) error { return errors.New("check: not implemented yet") }
+// writeJSON prints v indented, as qemu-img does.
+func writeJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "    ")
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
 
-type CompareCmd struct{}
+// inputName is how messages and reports name a path.
+func inputName(path string) string {
+	if path == "-" {
+		return "stdin"
+	}
+	return path
+}
 
-func (c *CompareCmd) Run(env *vhdcompat.Env) error { return errors.New("compare: not implemented yet") }
+// InfoCmd describes an image.
+type InfoCmd struct {
+	outputFlag
+	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
+}
 
-type CompletionCmd struct{}
+// Help is the long help with an example.
+func (c *InfoCmd) Help() string {
+	return `Prints the version, virtual size, cluster size, refcount width, feature
+bits by name, header extensions, compression type, backing file and a
+summary of the allocation (data, zero, unallocated). JSON keys are those of
+qemu-img info --output=json where qemu has one.
 
+Examples:
+
+    xapi-qcow-tool info /var/tmp/disk.qcow2
+    xapi-qcow-tool info --output=json /var/tmp/disk.qcow2
+    curl -s ... | xapi-qcow-tool info -`
+}
+
+// Run executes info.
+func (c *InfoCmd) Run(env *vhdcompat.Env) error {
+	var info *inspect.Info
+	var err error
+	if c.Path == "-" {
+		info, err = inspect.InfoStream(env.Stdin)
+	} else {
+		var in *input
+		if in, err = openInput(c.Path); err != nil {
+			return fmt.Errorf("info: %w", err)
+		}
+		defer in.f.Close()
+		info, err = inspect.InfoFile(in.f, in.size)
+	}
+	if err != nil {
+		return fmt.Errorf("info: %s: %w", inputName(c.Path), err)
+	}
+	info.Filename = c.Path
+	if c.Output == "json" {
+		return writeJSON(env.Stdout, info)
+	}
+	return info.WriteHuman(env.Stdout)
+}
+
+// MapCmd lists the allocation of an image.
+type MapCmd struct {
+	outputFlag
+	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
+}
+
+// Help is the long help with an example.
+func (c *MapCmd) Help() string {
+	return `Lists the extents of the image as qemu-img map does: start, length,
+depth, present, zero, data and the host offset (none for compressed
+clusters), with adjacent extents merged the same way. For a stream the
+offsets are those of the stream, as they would be in a file of it.
+Ranges left to a backing file are reported at depth 1, not inspected.
+
+Examples:
+
+    xapi-qcow-tool map --output=json /var/tmp/disk.qcow2
+    cat /var/tmp/disk.qcow2 | xapi-qcow-tool map -`
+}
+
+// Run executes map.
+func (c *MapCmd) Run(env *vhdcompat.Env) error {
+	var m []inspect.MapEntry
+	var err error
+	if c.Path == "-" {
+		m, err = inspect.MapStream(env.Stdin)
+	} else {
+		var in *input
+		if in, err = openInput(c.Path); err != nil {
+			return fmt.Errorf("map: %w", err)
+		}
+		defer in.f.Close()
+		m, err = inspect.MapFile(in.f, in.size, in)
+	}
+	if err != nil {
+		return fmt.Errorf("map: %s: %w", inputName(c.Path), err)
+	}
+	if c.Output == "json" {
+		// qemu-img's layout: one extent per line.
+		var b strings.Builder
+		b.WriteString("[")
+		for i, e := range m {
+			if i > 0 {
+				b.WriteString(",\n")
+			}
+			fmt.Fprintf(&b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
+				e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data)
+			if e.Offset != nil {
+				fmt.Fprintf(&b, `, "offset": %d`, *e.Offset)
+			}
+			b.WriteString("}")
+		}
+		b.WriteString("]\n")
+		_, err := io.WriteString(env.Stdout, b.String())
+		return err
+	}
+	w := env.Stdout
+	fmt.Fprintf(w, "%-18s %-18s %-18s %s\n", "Offset", "Length", "Mapped to", "Kind")
+	for _, e := range m {
+		kind := "unallocated"
+		switch {
+		case e.Depth > 0:
+			kind = "backing file"
+		case e.Data && e.Zero:
+			kind = "data (reads as zero)"
+		case e.Data:
+			kind = "data"
+		case e.Present && e.Zero:
+			kind = "zero"
+		}
+		mapped := "-"
+		if e.Offset != nil {
+			mapped = fmt.Sprintf("%#x", *e.Offset)
+		} else if e.Data {
+			mapped = "compressed"
+		}
+		if _, err := fmt.Fprintf(w, "%-18s %-18s %-18s %s\n", fmt.Sprintf("%#x", e.Start), fmt.Sprintf("%#x", e.Length), mapped, kind); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// CheckCmd validates the structure of an image.
+type CheckCmd struct {
+	outputFlag
+	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
+}
+
+// Help is the long help with an example.
+func (c *CheckCmd) Help() string {
+	return `Checks that every reference (L1 to L2, L2 to data, refcount table to
+blocks, snapshot tables) is in range and aligned, that no cluster is used
+for two purposes, and that refcounts agree with the references. On a stream
+(-) it checks what one pass can check. The file is never modified.
+
+Exit status as qemu-img check: 0 no errors, 2 corruptions, 3 leaked
+clusters only, 1 the check could not be completed.
+
+Examples:
+
+    xapi-qcow-tool check /var/tmp/disk.qcow2
+    xapi-qcow-tool check --output=json /var/tmp/disk.qcow2
+    cat /var/tmp/disk.qcow2 | xapi-qcow-tool check -`
+}
+
+// Run executes check.
+func (c *CheckCmd) Run(env *vhdcompat.Env) error {
+	var res *inspect.CheckResult
+	var err error
+	if c.Path == "-" {
+		res, err = inspect.CheckStream(env.Stdin)
+	} else {
+		var in *input
+		if in, err = openInput(c.Path); err != nil {
+			return fmt.Errorf("check: %w", err)
+		}
+		defer in.f.Close()
+		res, err = inspect.CheckFile(in.f, in.size)
+	}
+	if err != nil {
+		return fmt.Errorf("check: %s: %w", inputName(c.Path), err)
+	}
+	res.Filename = c.Path
+	if c.Output == "json" {
+		err = writeJSON(env.Stdout, res)
+	} else {
+		err = res.WriteHuman(env.Stdout)
+	}
+	if err != nil {
+		return err
+	}
+	if code := res.ExitCode(); code != 0 {
+		return &vhdcompat.ExitError{Code: code}
+	}
+	return nil
+}
+
+// CompareCmd compares the content of two disks.
+type CompareCmd struct {
+	A string `arg:"" help:"First disk: raw or qcow2 file."`
+	B string `arg:"" help:"Second disk: raw or qcow2 file."`
+}
+
+// Help is the long help with an example.
+func (c *CompareCmd) Help() string {
+	return `Compares what two disks read as, each a raw file (or block device) or a
+qcow2 file, told apart by the qcow2 magic. Disks of different sizes are
+identical when the longer one reads as zeros past the shorter one's end.
+
+Exit status as qemu-img compare: 0 identical, 1 different (the first
+differing offset is printed), 2 error.
+
+Example:
+
+    xapi-qcow-tool compare /var/tmp/export.qcow2 /dev/sm/backend/SR/VDI`
+}
+
+// Run executes compare.
+func (c *CompareCmd) Run(env *vhdcompat.Env) error {
+	fail := func(err error) error {
+		return &vhdcompat.ExitError{Code: 2, Err: fmt.Errorf("compare: %w", err)}
+	}
+	a, err := openInput(c.A)
+	if err != nil {
+		return fail(err)
+	}
+	defer a.f.Close()
+	b, err := openInput(c.B)
+	if err != nil {
+		return fail(err)
+	}
+	defer b.f.Close()
+	res, err := inspect.Compare(a.f, a.size, b.f, b.size)
+	if err != nil {
+		return fail(err)
+	}
+	w := env.Stdout
+	if res.SizeMismatch {
+		fmt.Fprintf(w, "Warning: Image size mismatch! (%d and %d bytes)\n", res.SizeA, res.SizeB)
+	}
+	if !res.Identical {
+		fmt.Fprintf(w, "Content mismatch at offset %d!\n", res.Offset)
+		return &vhdcompat.ExitError{Code: 1}
+	}
+	fmt.Fprintln(w, "Images are identical.")
+	return nil
+}
+
+// CompletionCmd prints a shell completion script.
+type CompletionCmd struct {
+	Shell string `arg:"" enum:"bash" help:"Shell to complete for (bash)."`
+}
+
+// Help is the long help with an example.
+func (c *CompletionCmd) Help() string {
+	return `Prints a completion script covering every command and its flags.
+
+Example:
+
+    xapi-qcow-tool completion bash > /etc/bash_completion.d/xapi-qcow-tool`
+}
+
+// Run executes completion.
 func (c *CompletionCmd) Run(env *vhdcompat.Env) error {
-	return errors.New("completion: not implemented yet")
+	// The model is built from the CLI struct itself, so the script can
+	// never miss a command.
+	k, err := kong.New(&CLI{}, kong.Name(Name), kong.Vars{"version": Version}, kong.Exit(func(int) {}))
+	if err != nil {
+		return fmt.Errorf("completion: %w", err)
+	}
+	_, err = io.WriteString(env.Stdout, bashCompletion(k.Model.Node))
+	return err
+}
+
+// flagWords lists the flags of a node as completion words, and the enum
+// values of those that take a fixed set.
+func flagWords(n *kong.Node, enums map[string][]string) []string {
+	var words []string
+	for _, f := range n.Flags {
+		if f.Hidden {
+			continue
+		}
+		words = append(words, "--"+f.Name)
+		if f.Short != 0 {
+			words = append(words, "-"+string(f.Short))
+		}
+		if f.Enum != "" {
+			enums["--"+f.Name] = strings.Split(f.Enum, ",")
+		}
+	}
+	return words
+}
+
+// bashCompletion writes the bash script for the command tree under app.
+func bashCompletion(app *kong.Node) string {
+	fn := "_" + strings.ReplaceAll(Name, "-", "_")
+	var b strings.Builder
+	globalEnums := map[string][]string{}
+	global := append(flagWords(app, globalEnums), "--help", "-h")
+	var cmds []string
+	for _, c := range app.Children {
+		if !c.Hidden {
+			cmds = append(cmds, c.Name)
+		}
+	}
+	fmt.Fprintf(&b, "# bash completion for %s (generated by %s completion bash)\n", Name, Name)
+	fmt.Fprintf(&b, "%s() {\n", fn)
+	b.WriteString(`    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
+    local cmd="" i words="" flag=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${COMP_WORDS[i]}" in
+            -*|=) ;;
+            *) cmd="${COMP_WORDS[i]}"; break ;;
+        esac
+    done
+    # "--flag=value" arrives as "--flag" "=" "value".
+    if [[ "$prev" == "=" ]]; then flag="${COMP_WORDS[COMP_CWORD-2]}"
+    elif [[ "$cur" == "=" ]]; then flag="$prev"; cur=""
+    elif [[ "$prev" == --* ]]; then flag="$prev"
+    fi
+    case "$cmd" in
+`)
+	fmt.Fprintf(&b, "        \"\")\n            words=%q ;;\n", strings.Join(append(append([]string{}, cmds...), global...), " "))
+	for _, c := range app.Children {
+		if c.Hidden {
+			continue
+		}
+		enums := map[string][]string{}
+		words := append(flagWords(c, enums), global...)
+		for _, sub := range c.Children {
+			words = append(words, sub.Name)
+		}
+		for _, p := range c.Positional {
+			if p.Enum != "" {
+				words = append(words, strings.Split(p.Enum, ",")...)
+			}
+		}
+		fmt.Fprintf(&b, "        %s)\n", c.Name)
+		if len(enums) > 0 {
+			b.WriteString("            case \"$flag\" in\n")
+			keys := make([]string, 0, len(enums))
+			for k := range enums {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			for _, k := range keys {
+				fmt.Fprintf(&b, "                %s) COMPREPLY=($(compgen -W %q -- \"$cur\")); return ;;\n", k, strings.Join(enums[k], " "))
+			}
+			b.WriteString("            esac\n")
+		}
+		fmt.Fprintf(&b, "            words=%q ;;\n", strings.Join(words, " "))
+	}
+	b.WriteString(`    esac
+    if [[ "$cur" == -* || -z "$cmd" ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$words" -- "$cur") $(compgen -f -- "$cur"))
+    fi
+}
+`)
+	fmt.Fprintf(&b, "complete -o default -F %s %s qcow2-to-stdout qcow-stream-tool\n", fn, Name)
+	return b.String()
 }

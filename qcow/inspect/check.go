@@ -1,0 +1,451 @@
+package inspect
+
+import (
+	"fmt"
+	"io"
+	"sort"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
+)
+
+// MaxErrorMessages bounds the messages a CheckResult keeps; counts go on.
+const MaxErrorMessages = 100
+
+// CheckResult is the outcome of a check. JSON keys are those of qemu-img
+// check --output=json where qemu has one; errors and stream are ours.
+type CheckResult struct {
+	Filename           string   `json:"filename"`
+	Format             string   `json:"format"`
+	CheckErrors        uint64   `json:"check-errors"`
+	Corruptions        uint64   `json:"corruptions"`
+	Leaks              uint64   `json:"leaks"`
+	ImageEndOffset     uint64   `json:"image-end-offset,omitempty"`
+	TotalClusters      uint64   `json:"total-clusters"`
+	AllocatedClusters  uint64   `json:"allocated-clusters"`
+	FragmentedClusters uint64   `json:"fragmented-clusters"`
+	CompressedClusters uint64   `json:"compressed-clusters"`
+	Stream             bool     `json:"stream,omitempty"`
+	Errors             []string `json:"errors"`
+	ErrorsNotShown     uint64   `json:"errors-not-shown,omitempty"`
+}
+
+// ExitCode is qemu-img check's exit status for the result: 1 when the
+// check could not be completed, 2 for corruption, 3 for leaks only.
+func (r *CheckResult) ExitCode() int {
+	switch {
+	case r.CheckErrors > 0:
+		return 1
+	case r.Corruptions > 0:
+		return 2
+	case r.Leaks > 0:
+		return 3
+	}
+	return 0
+}
+
+func (r *CheckResult) note(format string, args ...any) {
+	if len(r.Errors) < MaxErrorMessages {
+		r.Errors = append(r.Errors, fmt.Sprintf(format, args...))
+	} else {
+		r.ErrorsNotShown++
+	}
+}
+
+func (r *CheckResult) corrupt(format string, args ...any) {
+	r.Corruptions++
+	r.note("ERROR: "+format, args...)
+}
+
+func (r *CheckResult) leak(format string, args ...any) {
+	r.Leaks++
+	r.note("Leaked: "+format, args...)
+}
+
+func (r *CheckResult) failed(format string, args ...any) {
+	r.CheckErrors++
+	r.note("Check error: "+format, args...)
+}
+
+// WriteHuman prints the result for a person, in the spirit of qemu-img
+// check's text output.
+func (r *CheckResult) WriteHuman(w io.Writer) error {
+	for _, e := range r.Errors {
+		fmt.Fprintln(w, e)
+	}
+	if r.ErrorsNotShown > 0 {
+		fmt.Fprintf(w, "(%d more messages not shown)\n", r.ErrorsNotShown)
+	}
+	if r.Corruptions > 0 {
+		fmt.Fprintf(w, "%d errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n", r.Corruptions)
+	}
+	if r.Leaks > 0 {
+		fmt.Fprintf(w, "%d leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", r.Leaks)
+	}
+	if r.CheckErrors > 0 {
+		fmt.Fprintf(w, "%d internal errors have occurred during the check.\n", r.CheckErrors)
+	}
+	if r.ExitCode() == 0 {
+		fmt.Fprintln(w, "No errors were found on the image.")
+	}
+	if r.TotalClusters > 0 {
+		fmt.Fprintf(w, "%d/%d = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters\n",
+			r.AllocatedClusters, r.TotalClusters,
+			100*float64(r.AllocatedClusters)/float64(r.TotalClusters),
+			pct(r.FragmentedClusters, r.AllocatedClusters), pct(r.CompressedClusters, r.AllocatedClusters))
+	}
+	if r.ImageEndOffset > 0 {
+		fmt.Fprintf(w, "Image end offset: %d\n", r.ImageEndOffset)
+	}
+	if r.Stream {
+		_, err := fmt.Fprintln(w, "(stream: checked what one pass can check; refcounts were not compared)")
+		return err
+	}
+	return nil
+}
+
+func pct(a, b uint64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return 100 * float64(a) / float64(b)
+}
+
+// checker holds the state of a file check.
+type checker struct {
+	im  *image
+	res *CheckResult
+	k   *counter
+	rc  *refcounts
+	fc  uint64 // clusters in the file
+	// fragmentation: the host cluster that would continue the last data cluster
+	nextHost uint64
+}
+
+// CheckFile validates the structure of the image in r (size bytes long):
+// every reference in range and aligned, no cluster used for two purposes,
+// refcounts equal to the references counted, COPIED flags consistent with
+// them. An error is returned only when the header cannot be read (nothing
+// could be checked); everything else is in the result.
+func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
+	im, err := openImage(r, size)
+	if err != nil {
+		return nil, err
+	}
+	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: im.h.VirtualClusters()}
+	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters()}
+	c.run()
+	return res, nil
+}
+
+func (c *checker) run() {
+	h, im, res := c.im.h, c.im, c.res
+	c.ref(0, im.cs, roleHeader, "header")
+	rc, err := im.refcounts()
+	if err != nil {
+		res.corrupt("%v", err)
+	} else {
+		c.rc = rc
+		c.ref(h.RefcountTableOffset, uint64(h.RefcountTableClusters)*im.cs, roleRefTable, "refcount table")
+		for i, e := range rc.table {
+			off := e &^ 511
+			if e&511 != 0 {
+				res.corrupt("refcount table entry %d (%#x) has reserved bits set", i, e)
+			}
+			if off == 0 {
+				continue
+			}
+			if off%im.cs != 0 {
+				res.corrupt("refcount block %d at %#x is not cluster aligned", i, off)
+				continue
+			}
+			c.ref(off, im.cs, roleRefBlock, fmt.Sprintf("refcount block %d", i))
+		}
+	}
+	c.l1(h.L1TableOffset, uint64(h.L1Size), true, "active L1 table")
+	c.snapshots()
+	c.bitmaps()
+	c.compareRefcounts()
+}
+
+// ref counts one reference to the clusters [off, off+length) holding r.
+// It reports references past the end of the file and clusters used for
+// two different purposes; it returns false when the range is unusable.
+func (c *checker) ref(off, length uint64, r role, what string) bool {
+	if length == 0 {
+		return true
+	}
+	if off >= qcow.MaxHostOffset || !c.im.inFile(off, length) {
+		c.res.corrupt("%s at %#x (%d bytes) is past the end of the file (%d bytes)", what, off, length, c.im.size)
+		return false
+	}
+	first, last := off/c.im.cs, (off+length-1)/c.im.cs
+	for cl := first; cl <= last; cl++ {
+		n, old := c.k.add(cl, r)
+		if n == 0 {
+			continue
+		}
+		// Data may be shared (snapshots, compressed clusters packed
+		// together) and so may L2 tables (snapshots); the refcount
+		// comparison judges those. Anything else is an overlap.
+		if old != r || (r != roleData && r != roleL2) {
+			c.res.corrupt("%s at %#x overlaps %s in cluster %d", what, off, old, cl)
+		}
+	}
+	return true
+}
+
+// refcount returns the refcount of host cluster cl, noting read errors.
+func (c *checker) refcount(cl uint64) (uint64, bool) {
+	if c.rc == nil {
+		return 0, false
+	}
+	n, err := c.rc.get(cl)
+	if err != nil {
+		c.res.failed("reading the refcount of cluster %d: %v", cl, err)
+		return 0, false
+	}
+	return n, true
+}
+
+// copied checks a COPIED flag: it must be set exactly when the refcount is 1.
+func (c *checker) copied(what string, off uint64, flag bool) {
+	n, ok := c.refcount(off / c.im.cs)
+	if ok && (n == 1) != flag {
+		c.res.corrupt("%s at %#x: COPIED flag is %v but the refcount is %d", what, off, flag, n)
+	}
+}
+
+// l1 checks an L1 table and everything it references. active says whether
+// it is the image's own table (COPIED flags and statistics apply) or a
+// snapshot's.
+func (c *checker) l1(off, entries uint64, active bool, what string) {
+	if entries == 0 {
+		return
+	}
+	if !c.ref(off, entries*8, roleL1, what) {
+		return
+	}
+	t, err := c.im.readTable(off, entries)
+	if err != nil {
+		c.res.failed("%s: %v", what, err)
+		return
+	}
+	c.nextHost = 0
+	for i, raw := range t {
+		e := qcow.L1Entry(raw)
+		if e.Reserved() != 0 {
+			c.res.corrupt("%s entry %d (%#x) has reserved bits set", what, i, raw)
+		}
+		l2off := e.Offset()
+		if l2off == 0 {
+			continue
+		}
+		name := fmt.Sprintf("L2 table of %s entry %d", what, i)
+		if l2off%c.im.cs != 0 {
+			c.res.corrupt("%s at %#x is not cluster aligned", name, l2off)
+			continue
+		}
+		if !c.ref(l2off, c.im.cs, roleL2, name) {
+			continue
+		}
+		if active {
+			c.copied(name, l2off, e.Copied())
+		}
+		l2, err := c.im.l2(l2off)
+		if err != nil {
+			c.res.failed("%s: %v", name, err)
+			continue
+		}
+		c.l2(l2, uint64(i), active, name)
+	}
+}
+
+// l2 checks the entries of one L2 table.
+func (c *checker) l2(t []uint64, l1Index uint64, active bool, table string) {
+	h, cs := c.im.h, c.im.cs
+	step := 1
+	if h.ExtendedL2() {
+		step = 2
+	}
+	for j := 0; j < len(t); j += step {
+		e := qcow.L2Entry(t[j])
+		var bm qcow.SubclusterBitmap
+		if step == 2 {
+			bm = qcow.SubclusterBitmap(t[j+1])
+		}
+		guest := (l1Index*h.L2Entries() + uint64(j/step)) * cs
+		what := fmt.Sprintf("cluster at guest offset %#x", guest)
+		if e.Compressed() {
+			if e.Copied() {
+				c.res.corrupt("%s: compressed cluster with the COPIED flag set", what)
+			}
+			if step == 2 && bm != 0 {
+				c.res.corrupt("%s: compressed cluster with a non-zero subcluster bitmap %#x", what, uint64(bm))
+			}
+			off, length := e.CompressedExtent(h.ClusterBits)
+			start := off &^ 511
+			c.ref(start, off+length-start, roleData, "compressed "+what)
+			if active {
+				c.res.AllocatedClusters++
+				c.res.CompressedClusters++
+			}
+			continue
+		}
+		reserved := e.Reserved()
+		if step == 2 {
+			reserved |= t[j] & 1 // no zero flag in extended L2 entries
+		}
+		if reserved != 0 {
+			c.res.corrupt("%s: L2 entry %#x has reserved bits set", what, t[j])
+		}
+		if step == 2 && bm.Invalid() {
+			c.res.corrupt("%s: subclusters both allocated and zero (bitmap %#x)", what, uint64(bm))
+		}
+		host := e.Offset()
+		if host == 0 {
+			if step == 2 && uint32(bm) != 0 {
+				c.res.corrupt("%s: subclusters marked allocated in an unallocated cluster", what)
+			}
+			continue
+		}
+		if host%cs != 0 {
+			c.res.corrupt("%s: data at %#x is not cluster aligned", what, host)
+			continue
+		}
+		if !c.ref(host, cs, roleData, what+" ("+table+")") {
+			continue
+		}
+		if active {
+			c.copied(what, host, e.Copied())
+			c.res.AllocatedClusters++
+			if c.nextHost != 0 && host != c.nextHost {
+				c.res.FragmentedClusters++
+			}
+			c.nextHost = host + cs
+		}
+	}
+}
+
+// snapshots checks the snapshot table and every snapshot's L1 table.
+func (c *checker) snapshots() {
+	h := c.im.h
+	off := h.SnapshotsOffset
+	start := off
+	for i := uint32(0); i < h.NbSnapshots; i++ {
+		var fixed [40]byte
+		if !c.im.inFile(off, 40) || readFull(c.im.r, fixed[:], off) != nil {
+			c.res.corrupt("snapshot %d header at %#x is past the end of the file", i, off)
+			return
+		}
+		l1off, l1size := be.Uint64(fixed[0:]), uint64(be.Uint32(fixed[8:]))
+		idLen, nameLen := uint64(be.Uint16(fixed[12:])), uint64(be.Uint16(fixed[14:]))
+		extra := uint64(be.Uint32(fixed[36:]))
+		off += (40 + extra + idLen + nameLen + 7) &^ 7
+		if l1off%c.im.cs != 0 {
+			c.res.corrupt("snapshot %d: L1 table at %#x is not cluster aligned", i, l1off)
+			continue
+		}
+		if l1size*8 > qcow.MaxL1Bytes {
+			c.res.corrupt("snapshot %d: L1 table of %d entries is too large", i, l1size)
+			continue
+		}
+		c.l1(l1off, l1size, false, fmt.Sprintf("L1 table of snapshot %d", i))
+	}
+	if off > start {
+		c.ref(start, off-start, roleSnapshots, "snapshot table")
+	}
+}
+
+// bitmaps counts the clusters of persistent dirty bitmaps, so that they
+// are not reported as leaks.
+func (c *checker) bitmaps() {
+	for _, e := range c.im.h.Extensions {
+		if e.Type != qcow.ExtBitmaps || len(e.Data) < 24 {
+			continue
+		}
+		n := uint64(be.Uint32(e.Data[0:]))
+		dirSize, dirOff := be.Uint64(e.Data[8:]), be.Uint64(e.Data[16:])
+		if dirSize > 64<<20 || !c.ref(dirOff, dirSize, roleBitmap, "bitmap directory") {
+			continue
+		}
+		dir := make([]byte, dirSize)
+		if err := readFull(c.im.r, dir, dirOff); err != nil {
+			c.res.failed("bitmap directory: %v", err)
+			continue
+		}
+		pos := uint64(0)
+		for i := uint64(0); i < n && pos+24 <= dirSize; i++ {
+			tOff, tSize := be.Uint64(dir[pos:]), uint64(be.Uint32(dir[pos+8:]))
+			nameLen, extra := uint64(be.Uint16(dir[pos+18:])), uint64(be.Uint32(dir[pos+20:]))
+			pos += (24 + extra + nameLen + 7) &^ 7
+			name := fmt.Sprintf("bitmap %d table", i)
+			if tSize*8 > 64<<20 || !c.ref(tOff, tSize*8, roleBitmap, name) {
+				continue
+			}
+			t, err := c.im.readTable(tOff, tSize)
+			if err != nil {
+				c.res.failed("%s: %v", name, err)
+				continue
+			}
+			for _, x := range t {
+				if o := x & 0x00fffffffffffe00; o != 0 {
+					c.ref(o, c.im.cs, roleBitmap, name+" data")
+				}
+			}
+		}
+	}
+}
+
+// compareRefcounts compares every refcount with the references counted:
+// fewer references than the refcount is a leak, more is a corruption.
+func (c *checker) compareRefcounts() {
+	if c.rc == nil {
+		return
+	}
+	rc, res := c.rc, c.res
+	var highest uint64
+	seen := false
+	for i := range rc.table {
+		off := rc.blockOffset(uint64(i))
+		if off == 0 {
+			continue
+		}
+		b, err := rc.block(off)
+		if err != nil {
+			res.failed("reading refcount block %d: %v", i, err)
+			continue
+		}
+		for j := uint64(0); j < rc.perBlock; j++ {
+			cl := uint64(i)*rc.perBlock + j
+			n := rc.entry(b, j)
+			refs := c.k.get(cl)
+			if n > 0 {
+				highest, seen = cl, true
+			}
+			switch {
+			case n == refs:
+			case n < refs:
+				res.corrupt("cluster %d: refcount %d but %d references", cl, n, refs)
+			default:
+				res.leak("cluster %d: refcount %d but %d references", cl, n, refs)
+			}
+		}
+	}
+	// Referenced clusters no refcount block covers.
+	keys := make([]uint64, 0, len(c.k.chunks))
+	for k := range c.k.chunks {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(a, b int) bool { return keys[a] < keys[b] })
+	for _, k := range keys {
+		for j, v := range c.k.chunks[k] {
+			cl := k*chunkLen + uint64(j)
+			if v&countMax != 0 && rc.blockOffset(cl/rc.perBlock) == 0 {
+				res.corrupt("cluster %d is referenced but no refcount block covers it", cl)
+			}
+		}
+	}
+	if seen {
+		res.ImageEndOffset = (highest + 1) * c.im.cs
+	}
+}

@@ -1,0 +1,156 @@
+package inspect
+
+import (
+	"fmt"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
+)
+
+// Kind is what a guest range reads as, according to the image alone.
+type Kind uint8
+
+// Kinds of guest ranges.
+const (
+	KindData        Kind = iota // stored data (maybe compressed)
+	KindZero                    // marked as reading zeros
+	KindUnallocated             // not described: zeros, or the backing file
+)
+
+// piece is a guest range of one kind. hasHost is set when a host offset is
+// attached (data, zero clusters with a preallocated host cluster,
+// unallocated subclusters of an allocated extended-L2 cluster).
+type piece struct {
+	start, length uint64
+	kind          Kind
+	host          uint64
+	hasHost       bool
+	compressed    bool
+	holeZero      bool // data on a hole of a metadata-preallocated file
+}
+
+// BadReferenceError is a table entry that cannot be followed.
+type BadReferenceError struct{ Msg string }
+
+func (e *BadReferenceError) Error() string { return e.Msg }
+
+func badRef(format string, args ...any) error {
+	return &BadReferenceError{Msg: fmt.Sprintf(format, args...)}
+}
+
+// decodeL2 turns one L2 entry (and, for extended L2, its subcluster bitmap)
+// into pieces for the guest cluster at start, clipped to the virtual size.
+func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBitmap, emit func(piece)) {
+	cs := h.ClusterSize()
+	size := h.Size
+	clip := func(p piece) {
+		if p.start >= size {
+			return
+		}
+		if p.start+p.length > size {
+			p.length = size - p.start
+		}
+		emit(p)
+	}
+	if e.Compressed() {
+		off, _ := e.CompressedExtent(h.ClusterBits)
+		clip(piece{start: start, length: cs, kind: KindData, host: off, compressed: true})
+		return
+	}
+	host := e.Offset()
+	if !h.ExtendedL2() {
+		switch {
+		case e.Zero():
+			clip(piece{start: start, length: cs, kind: KindZero, host: host, hasHost: host != 0})
+		case host != 0:
+			clip(piece{start: start, length: cs, kind: KindData, host: host, hasHost: true})
+		default:
+			clip(piece{start: start, length: cs, kind: KindUnallocated})
+		}
+		return
+	}
+	sc := cs / 32
+	for i := uint(0); i < 32; i++ {
+		p := piece{start: start + uint64(i)*sc, length: sc, host: host + uint64(i)*sc, hasHost: host != 0}
+		switch {
+		case bm.Allocated(i) && host != 0:
+			p.kind = KindData
+		case bm.ReadsZero(i):
+			p.kind = KindZero
+		default:
+			p.kind = KindUnallocated
+		}
+		if !p.hasHost {
+			p.host = 0
+		}
+		clip(p)
+	}
+}
+
+// walkFile calls emit for every guest range of the image in guest order.
+// A table it cannot follow is an error: Check is the command that reports
+// every fault; here one is enough to stop.
+func walkFile(im *image, emit func(piece)) error {
+	h := im.h
+	l1, err := im.l1()
+	if err != nil {
+		return err
+	}
+	span := h.L2Entries() * im.cs
+	for i, raw := range l1 {
+		start := uint64(i) * span
+		if start >= h.Size {
+			break
+		}
+		e := qcow.L1Entry(raw)
+		if e.Offset() == 0 {
+			length := span
+			if start+length > h.Size {
+				length = h.Size - start
+			}
+			emit(piece{start: start, length: length, kind: KindUnallocated})
+			continue
+		}
+		if e.Offset()%im.cs != 0 || !im.inFile(e.Offset(), im.cs) {
+			return badRef("L1 entry %d: L2 table at %#x is outside the file or unaligned", i, e.Offset())
+		}
+		l2, err := im.l2(e.Offset())
+		if err != nil {
+			return fmt.Errorf("L1 entry %d: %w", i, err)
+		}
+		step := 1
+		if h.ExtendedL2() {
+			step = 2
+		}
+		for j := 0; j < len(l2); j += step {
+			gs := start + uint64(j/step)*im.cs
+			if gs >= h.Size {
+				break
+			}
+			var bm qcow.SubclusterBitmap
+			if step == 2 {
+				bm = qcow.SubclusterBitmap(l2[j+1])
+			}
+			decodeL2(h, gs, qcow.L2Entry(l2[j]), bm, emit)
+		}
+	}
+	// An L1 table shorter than the disk (allowed when the tail is
+	// unallocated) leaves the rest undescribed.
+	if end := uint64(len(l1)) * span; end < h.Size {
+		emit(piece{start: end, length: h.Size - end, kind: KindUnallocated})
+	}
+	return nil
+}
+
+// appendMerged appends p, extending the last piece instead when p continues
+// it, so that a stream of millions of clusters keeps a few pieces per run.
+func appendMerged(ps []piece, p piece) []piece {
+	if n := len(ps); n > 0 {
+		q := &ps[n-1]
+		if q.kind == p.kind && q.compressed == p.compressed && q.hasHost == p.hasHost &&
+			q.start+q.length == p.start && (!q.hasHost || q.host+q.length == p.host) {
+			q.length += p.length
+			return ps
+		}
+	}
+	return append(ps, p)
+}
