@@ -1,0 +1,257 @@
+package qcow
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+)
+
+// atState is the random-access decoder: it walks the L1 table in guest
+// order, reading each L2 table and the data it maps by offset.
+type atState struct {
+	d   *decoder
+	r   io.ReaderAt
+	err error
+
+	l1Tab  []byte // the L1 cluster holding entry l1I
+	l1Clu  uint64 // index of the L1 cluster in l1Tab (1<<64-1: none)
+	l1I    uint64
+	l2     *l2cursor
+	l2buf  []byte
+	q      queue
+	acc    accumulator
+	batch  Extent // data not yet queued: Offset, Length, HostOffset
+	rbuf   []byte
+	cmpBuf []byte
+}
+
+// NewReaderAt reads and validates the header, refcount table and L1 table
+// of an image that can be read by offset (a file). It accepts every layout,
+// and its Reader returns extents in guest order.
+func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error) {
+	if size < 0 {
+		size = 0
+	}
+	readAt := func(buf []byte, off uint64) error {
+		if off >= uint64(size) {
+			return io.ErrUnexpectedEOF
+		}
+		n, err := r.ReadAt(buf, int64(off))
+		if n == len(buf) {
+			return nil
+		}
+		if err == nil || err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	d, err := newDecoder(false, opts, func(buf []byte) error { return readAt(buf, 0) })
+	if err != nil {
+		return nil, err
+	}
+	d.fileSize = uint64(size)
+	h := d.h
+	cs := d.cs
+	a := &atState{d: d, r: r, l1Clu: 1<<64 - 1}
+	a.l1Tab = make([]byte, cs)
+	// Learn the metadata first, so data pointing into it is refused
+	// whatever the order of the image.
+	for c := uint64(0); c < uint64(h.RefcountTableClusters); c++ {
+		at := h.RefcountTableOffset + c*cs
+		if err := readAt(a.l1Tab, at); err != nil {
+			return nil, d.truncated(err, at, "the end of the refcount table")
+		}
+		for i := uint64(0); i < cs; i += 8 {
+			if err := d.markRefcountBlock(at+i, binary.BigEndian.Uint64(a.l1Tab[i:])); err != nil {
+				return nil, err
+			}
+		}
+	}
+	perCluster := cs / 8
+	for i := uint64(0); i < d.l1Need; i++ {
+		if i%perCluster == 0 {
+			at := h.L1TableOffset + i*8
+			if err := readAt(a.l1Tab, at); err != nil {
+				return nil, d.truncated(err, at, "the end of the L1 table")
+			}
+		}
+		raw := binary.BigEndian.Uint64(a.l1Tab[(i%perCluster)*8:])
+		off, err := d.l1Entry(h.L1TableOffset+i*8, i, raw)
+		if err != nil {
+			return nil, err
+		}
+		if off != 0 && off+cs > d.fileSize {
+			return nil, d.wrapf(io.ErrUnexpectedEOF, h.L1TableOffset+i*8, "L1 entry %d points at an L2 table at %#x past the end of the %d-byte image", i, off, size)
+		}
+	}
+	return &Reader{d: d, a: a}, nil
+}
+
+func (a *atState) readAt(buf []byte, off uint64, what string) error {
+	n, err := a.r.ReadAt(buf, int64(off))
+	if n == len(buf) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return a.d.truncated(err, off, what)
+}
+
+func (a *atState) next() (Extent, error) {
+	if a.err != nil {
+		return Extent{}, a.err
+	}
+	ext, err := a.step()
+	if err != nil {
+		a.err = err
+	}
+	return ext, err
+}
+
+func (a *atState) step() (Extent, error) {
+	d := a.d
+	h := d.h
+	cs := d.cs
+	for {
+		if !a.q.empty() {
+			it := a.q.pop()
+			switch {
+			case it.read:
+				e := it.ext
+				if a.rbuf == nil {
+					a.rbuf = make([]byte, max(cs, batchBytes))
+				}
+				if err := a.readAt(a.rbuf[:e.Length], e.HostOffset, fmt.Sprintf("the data for guest %#x at %#x", e.Offset, e.HostOffset)); err != nil {
+					return Extent{}, err
+				}
+				e.Data = a.rbuf[:e.Length]
+				return e, nil
+			case it.comp:
+				n := min(it.clen, d.fileSize-it.coff)
+				if uint64(len(a.cmpBuf)) < n {
+					a.cmpBuf = make([]byte, 2*cs+512)
+				}
+				if err := a.readAt(a.cmpBuf[:n], it.coff, fmt.Sprintf("the compressed data for guest %#x", it.g<<d.cb)); err != nil {
+					return Extent{}, err
+				}
+				out, err := d.decompress(it.coff, it.g, a.cmpBuf[:n])
+				if err != nil {
+					return Extent{}, err
+				}
+				length := min(cs, h.Size-it.g<<d.cb)
+				return Extent{Kind: ExtentData, Offset: it.g << d.cb, Length: length, Data: out[:length],
+					HostOffset: it.coff, Compressed: true}, nil
+			}
+			return it.ext, nil
+		}
+		if a.l2 != nil {
+			if err := a.stepL2(); err != nil {
+				return Extent{}, err
+			}
+			continue
+		}
+		if a.l1I < d.l1Need {
+			if err := a.stepL1(); err != nil {
+				return Extent{}, err
+			}
+			continue
+		}
+		a.flushBatch()
+		a.acc.flush(&a.q)
+		if a.q.empty() {
+			return Extent{}, io.EOF
+		}
+	}
+}
+
+func (a *atState) stepL1() error {
+	d := a.d
+	cs := d.cs
+	i := a.l1I
+	a.l1I++
+	perCluster := cs / 8
+	at := d.h.L1TableOffset + i*8
+	if c := i / perCluster; c != a.l1Clu {
+		if err := a.readAt(a.l1Tab, d.h.L1TableOffset+c*cs, "the L1 table"); err != nil {
+			return err
+		}
+		a.l1Clu = c
+	}
+	off := L1Entry(binary.BigEndian.Uint64(a.l1Tab[(i%perCluster)*8:])).Offset()
+	span := d.h.L2Entries() * cs
+	if off == 0 {
+		a.other(ExtentUnallocated, i*span, min(span, d.h.Size-i*span))
+		return nil
+	}
+	if a.l2buf == nil {
+		a.l2buf = make([]byte, cs)
+	}
+	if err := a.readAt(a.l2buf, off, fmt.Sprintf("the L2 table for guest %#x", i*span)); err != nil {
+		return err
+	}
+	_ = at
+	g0 := i * d.h.L2Entries()
+	a.l2 = &l2cursor{tab: a.l2buf, at: off, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
+	return nil
+}
+
+func (a *atState) stepL2() error {
+	d := a.d
+	c := a.l2
+	if c.i >= c.n {
+		a.l2 = nil
+		return nil
+	}
+	i := c.i
+	c.i++
+	es := d.h.L2EntrySize()
+	raw := binary.BigEndian.Uint64(c.tab[i*es:])
+	var bm uint64
+	if es == 16 {
+		bm = binary.BigEndian.Uint64(c.tab[i*es+8:])
+	}
+	at := c.at + i*es
+	e, err := d.l2Entry(at, c.g0+i, raw, bm)
+	if err != nil {
+		return err
+	}
+	if e.compressed {
+		a.flushBatch()
+		a.acc.flush(&a.q)
+		a.q.push(item{comp: true, g: e.g, coff: e.coff, clen: e.clen})
+		return nil
+	}
+	d.subRuns(&e, func(kind ExtentKind, guest, within, length uint64) {
+		if kind == ExtentData {
+			a.data(guest, e.host+within, length)
+		} else {
+			a.other(kind, guest, length)
+		}
+	})
+	return nil
+}
+
+// data adds guest bytes read from host to the pending batch.
+func (a *atState) data(guest, host, length uint64) {
+	b := &a.batch
+	if b.Length > 0 && guest == b.Offset+b.Length && host == b.HostOffset+b.Length && b.Length+length <= batchBytes {
+		b.Length += length
+		return
+	}
+	a.flushBatch()
+	a.acc.flush(&a.q)
+	a.batch = Extent{Kind: ExtentData, Offset: guest, Length: length, HostOffset: host}
+}
+
+func (a *atState) other(kind ExtentKind, guest, length uint64) {
+	a.flushBatch()
+	a.acc.add(&a.q, kind, guest, length)
+}
+
+func (a *atState) flushBatch() {
+	if a.batch.Length > 0 {
+		a.q.push(item{ext: a.batch, read: true})
+		a.batch = Extent{}
+	}
+}

@@ -1,0 +1,448 @@
+package qcow
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"testing/iotest"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+)
+
+// streamOnly hides ReadAt and Seek: the decoder must see a pipe.
+type streamOnly struct{ r io.Reader }
+
+func (s streamOnly) Read(p []byte) (int, error) { return s.r.Read(p) }
+
+// span is an extent without its data.
+type span struct {
+	Kind       ExtentKind
+	Off, Len   uint64
+	Host       uint64
+	Compressed bool
+}
+
+// collect drains r, checking the extent invariants, and returns the
+// extents. When disk is not nil, data extents are copied into it.
+func collect(r *Reader, disk []byte, maxExtents int) ([]span, error) {
+	size := r.Header().Size
+	var spans []span
+	for {
+		e, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return spans, err
+		}
+		if e.Length == 0 || e.Offset >= size || e.Length > size-e.Offset {
+			return spans, fmt.Errorf("extent %+v outside the virtual size %d", span{e.Kind, e.Offset, e.Length, e.HostOffset, e.Compressed}, size)
+		}
+		if e.Kind == ExtentData && uint64(len(e.Data)) != e.Length {
+			return spans, fmt.Errorf("data extent at %#x: %d bytes of data for length %d", e.Offset, len(e.Data), e.Length)
+		}
+		if e.Kind != ExtentData && e.Data != nil {
+			return spans, fmt.Errorf("%v extent with data", e.Kind)
+		}
+		if disk != nil && e.Kind == ExtentData {
+			copy(disk[e.Offset:], e.Data)
+		}
+		spans = append(spans, span{e.Kind, e.Offset, e.Length, e.HostOffset, e.Compressed})
+		if len(spans) > maxExtents {
+			return spans, fmt.Errorf("more than %d extents", maxExtents)
+		}
+	}
+	return spans, nil
+}
+
+// checkCover checks that spans cover [0, size) exactly once.
+func checkCover(spans []span, size uint64) error {
+	s := append([]span(nil), spans...)
+	sort.Slice(s, func(i, j int) bool { return s[i].Off < s[j].Off })
+	var at uint64
+	for _, x := range s {
+		if x.Off != at {
+			return fmt.Errorf("extents leave a gap or overlap at %#x (next extent at %#x)", at, x.Off)
+		}
+		at += x.Len
+	}
+	if at != size {
+		return fmt.Errorf("extents end at %#x, virtual size %#x", at, size)
+	}
+	return nil
+}
+
+func isGuestOrder(spans []span) bool {
+	for i := 1; i < len(spans); i++ {
+		if spans[i].Off < spans[i-1].Off {
+			return false
+		}
+	}
+	return true
+}
+
+// decodeBoth decodes img as a stream (optionally one byte per read) and by
+// offset; it checks both give disk contents equal to want and return the
+// stream's spans.
+func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions) []span {
+	t.Helper()
+	var src io.Reader = streamOnly{bytes.NewReader(img)}
+	if oneByte {
+		src = iotest.OneByteReader(bytes.NewReader(img))
+	}
+	r, err := NewReader(src, opts)
+	if err != nil {
+		t.Fatalf("NewReader: %v", err)
+	}
+	size := r.Header().Size
+	if want != nil && uint64(len(want)) != size {
+		t.Fatalf("virtual size %d, want %d", size, len(want))
+	}
+	disk := make([]byte, size)
+	spans, err := collect(r, disk, 1<<24)
+	if err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	if err := checkCover(spans, size); err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	if want != nil && !bytes.Equal(disk, want) {
+		t.Fatalf("stream: content differs at %#x", firstDiff(disk, want))
+	}
+	ra, err := NewReaderAt(bytes.NewReader(img), int64(len(img)), opts)
+	if err != nil {
+		t.Fatalf("NewReaderAt: %v", err)
+	}
+	disk2 := make([]byte, size)
+	spans2, err := collect(ra, disk2, 1<<24)
+	if err != nil {
+		t.Fatalf("reader at: %v", err)
+	}
+	if err := checkCover(spans2, size); err != nil {
+		t.Fatalf("reader at: %v", err)
+	}
+	if !isGuestOrder(spans2) {
+		t.Fatalf("reader at: extents not in guest order")
+	}
+	if !bytes.Equal(disk, disk2) {
+		t.Fatalf("stream and reader at differ at %#x", firstDiff(disk, disk2))
+	}
+	return spans
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// encodeRandom makes an image with our encoder: each cluster is data, zero
+// or unallocated at random.
+func encodeRandom(t testing.TB, seed int64, size uint64, cb, order uint32) (img, raw []byte, a Allocation) {
+	r := rand.New(rand.NewSource(seed))
+	clusters := (size + 1<<cb - 1) >> cb
+	data, zero := bitmap.New(clusters), bitmap.New(clusters)
+	raw = make([]byte, size)
+	for g := uint64(0); g < clusters; g++ {
+		switch r.Intn(3) {
+		case 0:
+			data.Set(g)
+			lo, hi := g<<cb, min((g+1)<<cb, size)
+			r.Read(raw[lo:hi])
+		case 1:
+			zero.Set(g)
+		}
+	}
+	a = Allocation{VirtualSize: size, ClusterBits: cb, RefcountOrder: order, Data: data, Zero: zero}
+	var out bytes.Buffer
+	if _, err := Encode(&out, a, bytes.NewReader(raw)); err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes(), raw, a
+}
+
+func TestReaderEncodeRoundTrip(t *testing.T) {
+	for _, cb := range []uint32{9, 12, 16, 21} {
+		for _, order := range []uint32{0, 4, 6} {
+			size := uint64(3<<20) + 1536
+			img, raw, a := encodeRandom(t, int64(cb*10+order), size, cb, order)
+			spans := decodeBoth(t, img, raw, false, ReaderOptions{})
+			for _, s := range spans {
+				for g := s.Off >> cb; g<<cb < s.Off+s.Len; g++ {
+					want := ExtentUnallocated
+					if a.Data.Test(g) {
+						want = ExtentData
+					} else if a.Zero.Test(g) {
+						want = ExtentZero
+					}
+					if s.Kind != want {
+						t.Fatalf("cb %d order %d: guest cluster %d is %v, want %v", cb, order, g, s.Kind, want)
+					}
+				}
+			}
+		}
+	}
+	// One small case one byte at a time.
+	img, raw, _ := encodeRandom(t, 1, 64<<10+512, 12, 4)
+	decodeBoth(t, img, raw, true, ReaderOptions{})
+}
+
+func TestReaderEmptyAndTiny(t *testing.T) {
+	for _, size := range []uint64{0, 512, 4096, 5000} {
+		img, raw, _ := encodeRandom(t, 7, size, 12, 4)
+		decodeBoth(t, img, raw, false, ReaderOptions{})
+	}
+}
+
+// TestReaderPast4TiB: a 5 TiB disk with 64 KiB clusters has an L1 table of
+// several clusters; data above 4 TiB must land at the right guest offsets.
+func TestReaderPast4TiB(t *testing.T) {
+	const cb = 16
+	size := uint64(5) << 40
+	clusters := size >> cb
+	data := bitmap.New(clusters)
+	marks := []uint64{0, 1, (4 << 40) >> cb, (4<<40)>>cb + 1, (4<<40+123<<20)>>cb, clusters - 1}
+	for _, g := range marks {
+		data.Set(g)
+	}
+	src := &markSource{}
+	var out bytes.Buffer
+	a := Allocation{VirtualSize: size, ClusterBits: cb, RefcountOrder: 4, Data: data}
+	l, err := Encode(&out, a, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.L1Clusters < 2 {
+		t.Fatalf("L1 spans %d clusters", l.L1Clusters)
+	}
+	img := out.Bytes()
+	check := func(name string, r *Reader) {
+		var total uint64
+		seen := map[uint64]bool{}
+		for {
+			e, err := r.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			total += e.Length
+			if e.Kind != ExtentData {
+				continue
+			}
+			for off := uint64(0); off < e.Length; off += 1 << cb {
+				g := (e.Offset + off) >> cb
+				if !data.Test(g) {
+					t.Fatalf("%s: data extent at %#x for a cluster without data", name, e.Offset+off)
+				}
+				if got := string(e.Data[off : off+16]); got != fmt.Sprintf("%016x", g) {
+					t.Fatalf("%s: guest cluster %#x holds %q", name, g, got)
+				}
+				seen[g] = true
+			}
+		}
+		if total != size || len(seen) != len(marks) {
+			t.Fatalf("%s: extents cover %d bytes (want %d), %d data clusters (want %d)", name, total, size, len(seen), len(marks))
+		}
+	}
+	r, err := NewReader(streamOnly{bytes.NewReader(img)}, ReaderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("stream", r)
+	ra, err := NewReaderAt(bytes.NewReader(img), int64(len(img)), ReaderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("reader at", ra)
+}
+
+// markSource reads as each 64 KiB cluster's index in hex at its start.
+type markSource struct{}
+
+func (markSource) ReadAt(p []byte, off int64) (int, error) {
+	clear(p)
+	if off%(1<<16) == 0 && len(p) >= 16 {
+		copy(p, fmt.Sprintf("%016x", off>>16))
+	}
+	return len(p), nil
+}
+
+// ---- images made by qemu ----
+
+func needQemuIO(t testing.TB) {
+	t.Helper()
+	needQemuImg(t)
+	if _, err := exec.LookPath("qemu-io"); err != nil {
+		t.Skip("SKIP: qemu-io not installed (Debian package qemu-utils)")
+	}
+}
+
+func qemuIO(t testing.TB, img string, cmds ...string) {
+	t.Helper()
+	args := []string{"-f", "qcow2"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, img)
+	out, err := exec.Command("qemu-io", args...).CombinedOutput()
+	if err != nil || bytes.Contains(out, []byte("error")) || bytes.Contains(out, []byte("failed")) {
+		t.Fatalf("qemu-io %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// scatter is a set of qemu-io writes touching data, zero and discard
+// paths at several places of a 6 MiB disk.
+var scatter = []string{
+	"write -P 0x5a 0 64k",
+	"write -z 1M 128k",
+	"write -P 0x11 1100k 20k",
+	"discard 2M 64k",
+	"write -P 0x22 3M 1M",
+	"write -P 0x33 5000k 4k",
+	"write -P 0x44 6143k 1k",
+}
+
+type qemuCase struct {
+	name   string
+	create []string // qemu-img create options (after -f qcow2)
+	io     [][]string
+	// convert, when set, turns the image into the tested one with these
+	// qemu-img convert options (after the source).
+	convert  []string
+	snapshot bool
+}
+
+func qemuCases() []qemuCase {
+	var cs []qemuCase
+	for _, compat := range []string{"0.10", "1.1"} {
+		for _, cl := range []string{"512", "4k", "64k", "2M"} {
+			cs = append(cs, qemuCase{name: "compat" + compat + "-" + cl,
+				create: []string{"-o", "compat=" + compat + ",cluster_size=" + cl}, io: [][]string{scatter}})
+		}
+	}
+	for _, rb := range []string{"1", "16", "64"} {
+		cs = append(cs, qemuCase{name: "refcount" + rb, create: []string{"-o", "refcount_bits=" + rb}, io: [][]string{scatter}})
+	}
+	cs = append(cs,
+		qemuCase{name: "zlib", io: [][]string{scatter}, convert: []string{"-c", "-o", "compression_type=zlib"}},
+		qemuCase{name: "zstd", io: [][]string{scatter}, convert: []string{"-c", "-o", "compression_type=zstd"}},
+		qemuCase{name: "zlib-4k", io: [][]string{scatter}, convert: []string{"-c", "-o", "cluster_size=4k"}},
+		qemuCase{name: "convert", io: [][]string{scatter}, convert: []string{}},
+		qemuCase{name: "convert-512", io: [][]string{scatter}, convert: []string{"-o", "cluster_size=512"}},
+		qemuCase{name: "extl2-convert", io: [][]string{scatter}, convert: []string{"-o", "extended_l2=on,cluster_size=64k"}},
+		qemuCase{name: "extl2-writes", create: []string{"-o", "extended_l2=on,cluster_size=64k"},
+			io: [][]string{scatter, {"write -P 0x66 4k 4k", "write -P 0x67 72k 8k", "write -z 12k 4k", "write -P 0x68 2052k 4k", "discard 3M 8k"}}},
+		qemuCase{name: "lazy", create: []string{"-o", "lazy_refcounts=on"}, io: [][]string{scatter}},
+		qemuCase{name: "prealloc", create: []string{"-o", "preallocation=metadata"}, io: [][]string{scatter}},
+		qemuCase{name: "snapshots", io: [][]string{scatter, {"write -P 0x77 0 32k", "write -P 0x78 3M 64k", "write -z 3200k 64k", "write -P 0x79 5M 128k"}}, snapshot: true},
+	)
+	return cs
+}
+
+func makeQemuImage(t *testing.T, dir string, c qemuCase) (img string, raw []byte) {
+	t.Helper()
+	img = filepath.Join(dir, c.name+".qcow2")
+	args := append([]string{"create", "-q", "-f", "qcow2"}, c.create...)
+	qemuImg(t, append(args, img, "6M")...)
+	for i, cmds := range c.io {
+		if i > 0 && c.snapshot {
+			qemuImg(t, "snapshot", "-c", fmt.Sprintf("s%d", i), img)
+		}
+		qemuIO(t, img, cmds...)
+	}
+	if c.convert != nil {
+		conv := filepath.Join(dir, c.name+"-conv.qcow2")
+		qemuImg(t, append(append([]string{"convert", "-f", "qcow2", "-O", "qcow2"}, c.convert...), img, conv)...)
+		img = conv
+	}
+	rawPath := filepath.Join(dir, c.name+".raw")
+	qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", img, rawPath)
+	raw, err := os.ReadFile(rawPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img, raw
+}
+
+func TestReaderQemuImages(t *testing.T) {
+	needQemuIO(t)
+	dir := t.TempDir()
+	for _, c := range qemuCases() {
+		t.Run(c.name, func(t *testing.T) {
+			img, raw := makeQemuImage(t, dir, c)
+			b, err := os.ReadFile(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			spans := decodeBoth(t, b, raw, c.name == "compat1.1-4k", ReaderOptions{})
+			var comp int
+			for _, s := range spans {
+				if s.Compressed {
+					comp++
+				}
+			}
+			if strings.HasPrefix(c.name, "z") && comp == 0 {
+				t.Fatalf("no compressed extents")
+			}
+		})
+	}
+}
+
+// TestReaderStreamLayoutErrors: an image whose L1 follows the data cannot
+// be streamed within a small buffer, but is read by offset.
+func TestReaderBufferBound(t *testing.T) {
+	needQemuIO(t)
+	dir := t.TempDir()
+	c := qemuCase{name: "snap", io: [][]string{scatter, {"write -P 0x77 0 32k", "write -P 0x78 3M 64k"}}, snapshot: true}
+	img, raw := makeQemuImage(t, dir, c)
+	b, _ := os.ReadFile(img)
+	decodeBoth(t, b, raw, false, ReaderOptions{})
+	r, err := NewReader(streamOnly{bytes.NewReader(b)}, ReaderOptions{MaxBuffered: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = collect(r, nil, 1<<20)
+	if !errors.Is(err, ErrNeedRandomAccess) {
+		t.Fatalf("want ErrNeedRandomAccess, got %v", err)
+	}
+	t.Log(err)
+}
+
+// TestReaderBacking: a backing file is refused unless allowed.
+func TestReaderBacking(t *testing.T) {
+	clusters := uint64(16)
+	data := bitmap.New(clusters)
+	data.Set(3)
+	a := Allocation{VirtualSize: clusters << 16, ClusterBits: 16, RefcountOrder: 4, Data: data, BackingFile: "base.img", BackingFormat: "raw"}
+	var out bytes.Buffer
+	if _, err := Encode(&out, a, markSource{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReader(bytes.NewReader(out.Bytes()), ReaderOptions{}); err == nil || !strings.Contains(err.Error(), "backing file") {
+		t.Fatalf("want a backing file error, got %v", err)
+	}
+	r, err := NewReader(bytes.NewReader(out.Bytes()), ReaderOptions{AllowBacking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Header().BackingFile != "base.img" {
+		t.Fatalf("backing file %q", r.Header().BackingFile)
+	}
+	spans, err := collect(r, nil, 100)
+	if err != nil || checkCover(spans, a.VirtualSize) != nil {
+		t.Fatalf("%v %v", err, spans)
+	}
+}
