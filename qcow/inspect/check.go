@@ -131,7 +131,17 @@ func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: im.h.VirtualClusters()}
+	// Without the L1 and refcount tables there is nothing to compare: the
+	// file was cut short (or the header points nowhere), and qemu would
+	// not open it either.
+	h := im.h
+	if !im.inFile(h.RefcountTableOffset, uint64(h.RefcountTableClusters)*im.cs) {
+		return nil, fmt.Errorf("%w: the refcount table at %#x is past the end of the file (%d bytes)", ErrTruncated, h.RefcountTableOffset, im.size)
+	}
+	if !im.inFile(h.L1TableOffset, uint64(h.L1Size)*8) {
+		return nil, fmt.Errorf("%w: the L1 table at %#x is past the end of the file (%d bytes)", ErrTruncated, h.L1TableOffset, im.size)
+	}
+	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: h.VirtualClusters()}
 	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters()}
 	c.run()
 	return res, nil
