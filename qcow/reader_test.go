@@ -212,7 +212,7 @@ func TestReaderPast4TiB(t *testing.T) {
 	size := uint64(5) << 40
 	clusters := size >> cb
 	data := bitmap.New(clusters)
-	marks := []uint64{0, 1, (4 << 40) >> cb, (4<<40)>>cb + 1, (4<<40+123<<20)>>cb, clusters - 1}
+	marks := []uint64{0, 1, (4 << 40) >> cb, (4<<40)>>cb + 1, (4<<40 + 123<<20) >> cb, clusters - 1}
 	for _, g := range marks {
 		data.Set(g)
 	}
@@ -445,4 +445,273 @@ func TestReaderBacking(t *testing.T) {
 	if err != nil || checkCover(spans, a.VirtualSize) != nil {
 		t.Fatalf("%v %v", err, spans)
 	}
+}
+
+// ---- hostile streams ----
+
+// hostileBase is a small image of our encoder: 4 KiB clusters, 4 MiB, two
+// L2 tables, data and zero clusters in both.
+func hostileBase(t testing.TB) ([]byte, []byte, *Layout) {
+	const cb = 12
+	size := uint64(4 << 20)
+	clusters := size >> cb
+	data, zero := bitmap.New(clusters), bitmap.New(clusters)
+	raw := make([]byte, size)
+	r := rand.New(rand.NewSource(9))
+	for _, g := range []uint64{0, 1, 2, 10, 511, 512, 513, 700, 1023} {
+		data.Set(g)
+		r.Read(raw[g<<cb : (g+1)<<cb])
+	}
+	for _, g := range []uint64{5, 6, 600} {
+		zero.Set(g)
+	}
+	var out bytes.Buffer
+	l, err := Encode(&out, Allocation{VirtualSize: size, ClusterBits: cb, RefcountOrder: 4, Data: data, Zero: zero}, bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes(), raw, l
+}
+
+type mutation struct {
+	name string
+	mut  func(b []byte, l *Layout) []byte
+}
+
+func put64(off uint64, v uint64) func(b []byte, l *Layout) []byte {
+	return func(b []byte, l *Layout) []byte { be64(b, off, v); return b }
+}
+
+func be64(b []byte, off, v uint64) {
+	for i := uint64(0); i < 8; i++ {
+		b[off+i] = byte(v >> (56 - 8*i))
+	}
+}
+
+func be32(b []byte, off uint64, v uint32) {
+	for i := uint64(0); i < 4; i++ {
+		b[off+i] = byte(v >> (24 - 8*i))
+	}
+}
+
+func hdr32(off uint64, v uint32) func(b []byte, l *Layout) []byte {
+	return func(b []byte, l *Layout) []byte { be32(b, off, v); return b }
+}
+
+// l2e sets the L2 entry of guest cluster g (of the first two tables).
+func l2e(g uint64, v func(l *Layout) uint64) func(b []byte, l *Layout) []byte {
+	return func(b []byte, l *Layout) []byte {
+		be64(b, l.L2Offset+g*8, v(l))
+		return b
+	}
+}
+
+func l1e(i uint64, v func(l *Layout) uint64) func(b []byte, l *Layout) []byte {
+	return func(b []byte, l *Layout) []byte {
+		be64(b, l.L1Offset+i*8, v(l))
+		return b
+	}
+}
+
+func hostileCorpus() []mutation {
+	const cs = 4096
+	copied := uint64(1) << 63
+	ms := []mutation{
+		{"magic", hdr32(0, 0x514649fa)},
+		{"version1", hdr32(4, 1)},
+		{"version4", hdr32(4, 4)},
+		{"cluster_bits8", hdr32(20, 8)},
+		{"cluster_bits22", hdr32(20, 22)},
+		{"cluster_bits_huge", hdr32(20, 0xffffffff)},
+		{"size_huge", put64(24, 1<<60)},
+		{"size_past_l1", put64(24, 1<<40)},
+		{"crypt", hdr32(32, 1)},
+		{"l1_size0", hdr32(36, 0)},
+		{"l1_size_max", hdr32(36, 0xffffffff)},
+		{"l1_size_4Mi", hdr32(36, 4<<20)},
+		{"l1_offset_unaligned", func(b []byte, l *Layout) []byte { be64(b, 40, l.L1Offset+512); return b }},
+		{"l1_offset0", put64(40, 0)},
+		{"l1_offset_2^57", put64(40, 1<<57)},
+		{"l1_offset_far", put64(40, 1<<50)},
+		{"l1_offset_rt", func(b []byte, l *Layout) []byte { be64(b, 40, l.RefcountTableOffset); return b }},
+		{"rt_offset_unaligned", put64(48, cs+8)},
+		{"rt_offset0", put64(48, 0)},
+		{"rt_offset_l1", func(b []byte, l *Layout) []byte { be64(b, 48, l.L1Offset); return b }},
+		{"rt_clusters0", hdr32(56, 0)},
+		{"rt_clusters_huge", hdr32(56, 0xffffffff)},
+		{"snapshots_no_table", hdr32(60, 1)},
+		{"snapshots_huge", func(b []byte, l *Layout) []byte { be32(b, 60, 0xffffffff); be64(b, 64, cs); return b }},
+		{"incompat_unknown", put64(72, 1<<5)},
+		{"incompat_corrupt", put64(72, IncompatCorrupt)},
+		{"incompat_external", put64(72, IncompatExternalData)},
+		{"header_length_short", hdr32(100, 7)},
+		{"header_length_huge", hdr32(100, 0xfff8)},
+		{"refcount_order7", hdr32(96, 7)},
+		{"compression_type2", func(b []byte, l *Layout) []byte { be64(b, 72, IncompatCompressionType); b[104] = 2; return b }},
+		{"compression_type_nobit", func(b []byte, l *Layout) []byte { b[104] = 1; return b }},
+		{"backing_outside", func(b []byte, l *Layout) []byte { be64(b, 8, 0xffffff); be32(b, 16, 10); return b }},
+		{"backing_long", func(b []byte, l *Layout) []byte { be64(b, 8, 200); be32(b, 16, 2000); return b }},
+		{"backing_refused", func(b []byte, l *Layout) []byte { be64(b, 8, 2048); be32(b, 16, 4); copy(b[2048:], "base"); return b }},
+		{"extension_overrun", func(b []byte, l *Layout) []byte { be32(b, 112, 0x12345678); be32(b, 116, 0xffffff); return b }},
+		{"extension_encryption", func(b []byte, l *Layout) []byte { be32(b, 112, ExtEncryptionHeader); be32(b, 116, 0); return b }},
+		{"refblock_unaligned", func(b []byte, l *Layout) []byte { be64(b, l.RefcountTableOffset, l.RefcountBlockOffset+8); return b }},
+		{"refblock_into_l1", func(b []byte, l *Layout) []byte { be64(b, l.RefcountTableOffset+8, l.L1Offset); return b }},
+		{"refblock_is_data", func(b []byte, l *Layout) []byte { be64(b, l.RefcountTableOffset+8, l.DataOffset); return b }},
+
+		{"l1_to_rt", l1e(0, func(l *Layout) uint64 { return l.RefcountTableOffset | copied })},
+		{"l1_to_refblock", l1e(0, func(l *Layout) uint64 { return l.RefcountBlockOffset | copied })},
+		{"l1_to_l1", l1e(0, func(l *Layout) uint64 { return l.L1Offset | copied })},
+		{"l1_far", l1e(0, func(l *Layout) uint64 { return 1<<55 | copied })},
+		{"l1_unaligned", l1e(0, func(l *Layout) uint64 { return (l.L2Offset + 512) | copied })},
+		{"l1_reserved", l1e(0, func(l *Layout) uint64 { return l.L2Offset | copied | 2 })},
+		{"l1_reserved_high", l1e(0, func(l *Layout) uint64 { return l.L2Offset | 1<<60 })},
+		{"l1_duplicate", l1e(1, func(l *Layout) uint64 { return l.L2Offset | copied })},
+		{"l1_to_data", l1e(0, func(l *Layout) uint64 { return l.DataOffset | copied })},
+
+		{"l2_to_header", l2e(0, func(l *Layout) uint64 { return 512 | copied })},
+		{"l2_to_rt", l2e(0, func(l *Layout) uint64 { return l.RefcountTableOffset | copied })},
+		{"l2_to_refblock", l2e(0, func(l *Layout) uint64 { return l.RefcountBlockOffset | copied })},
+		{"l2_to_l1", l2e(0, func(l *Layout) uint64 { return l.L1Offset | copied })},
+		{"l2_to_own_l2", l2e(0, func(l *Layout) uint64 { return l.L2Offset | copied })},
+		{"l2_to_other_l2", l2e(0, func(l *Layout) uint64 { return (l.L2Offset + cs) | copied })},
+		{"l2_duplicate", l2e(1, func(l *Layout) uint64 { return l.DataOffset | copied })},
+		{"l2_zero_duplicate", l2e(5, func(l *Layout) uint64 { return l.DataOffset | copied | 1 })},
+		{"l2_far", l2e(3, func(l *Layout) uint64 { return 1<<55 | copied })},
+		{"l2_past_end", l2e(3, func(l *Layout) uint64 { return (l.Size() + 16*cs) | copied })},
+		{"l2_unaligned", l2e(0, func(l *Layout) uint64 { return (l.DataOffset + 512) | copied })},
+		{"l2_reserved", l2e(0, func(l *Layout) uint64 { return l.DataOffset | copied | 4 })},
+		{"l2_reserved_high", l2e(0, func(l *Layout) uint64 { return l.DataOffset | copied | 1<<57 })},
+		{"l2_behind", func(b []byte, l *Layout) []byte {
+			// the second table maps a cluster that sits before it: the
+			// first L2 table's own cluster is taken, so use the L1's.
+			be64(b, l.L2Offset+512*8+3*8, (l.L1Offset)|copied)
+			return b
+		}},
+		{"compressed_garbage", l2e(3, func(l *Layout) uint64 { return 1<<62 | 1<<58 | l.DataOffset })},
+		{"compressed_2^56", l2e(3, func(l *Layout) uint64 { return 1<<62 | (1<<56 - 100) })},
+		{"compressed_into_l1", l2e(3, func(l *Layout) uint64 { return 1<<62 | (l.L1Offset + 10) })},
+		{"compressed_past_end", l2e(3, func(l *Layout) uint64 { return 1<<62 | (l.Size() + 10*cs + 7) })},
+	}
+	return ms
+}
+
+// expectFailure decodes img both ways and wants an error from each, one
+// line long, without extents outside the disk.
+func expectFailure(t *testing.T, name string, img []byte, opts ReaderOptions) {
+	t.Helper()
+	for _, mode := range []string{"stream", "at"} {
+		var r *Reader
+		var err error
+		if mode == "stream" {
+			r, err = NewReader(streamOnly{bytes.NewReader(img)}, opts)
+		} else {
+			r, err = NewReaderAt(bytes.NewReader(img), int64(len(img)), opts)
+		}
+		if err == nil {
+			_, err = collect(r, nil, 1<<20)
+		}
+		if err == nil {
+			t.Errorf("%s (%s): no error", name, mode)
+			continue
+		}
+		msg := err.Error()
+		if strings.Contains(msg, "\n") || !strings.HasPrefix(msg, "qcow2 ") {
+			t.Errorf("%s (%s): badly formed error %q", name, mode, msg)
+		}
+		var fe *FormatError
+		if !errors.As(err, &fe) {
+			t.Errorf("%s (%s): error %T is not a *FormatError", name, mode, err)
+		}
+		if testing.Verbose() {
+			t.Logf("%-22s %-6s %v", name, mode, err)
+		}
+	}
+}
+
+func TestReaderHostile(t *testing.T) {
+	base, raw, l := hostileBase(t)
+	decodeBoth(t, base, raw, false, ReaderOptions{})
+	for _, m := range hostileCorpus() {
+		img := m.mut(bytes.Clone(base), l)
+		expectFailure(t, m.name, img, ReaderOptions{})
+	}
+}
+
+func TestReaderTruncated(t *testing.T) {
+	base, _, l := hostileBase(t)
+	cs := l.ClusterSize()
+	points := []uint64{0, 1, 50, 71, 72, 104, cs - 1, cs, l.RefcountBlockOffset, l.L1Offset, l.L1Offset + 8,
+		l.L2Offset, l.L2Offset + 100, l.L2Offset + cs, l.DataOffset, l.DataOffset + cs/2, uint64(len(base)) - 1}
+	for p := l.DataOffset; p < uint64(len(base)); p += 3 * cs {
+		points = append(points, p, p+777)
+	}
+	for _, p := range points {
+		if p >= uint64(len(base)) {
+			continue
+		}
+		name := fmt.Sprintf("truncated@%#x", p)
+		expectFailure(t, name, base[:p], ReaderOptions{})
+		r, err := NewReader(streamOnly{bytes.NewReader(base[:p])}, ReaderOptions{})
+		if err == nil {
+			_, err = collect(r, nil, 1<<20)
+		}
+		if !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("%s: error does not wrap io.ErrUnexpectedEOF: %v", name, err)
+		}
+	}
+}
+
+// relocate moves n clusters at from to the end of the image and repoints
+// the reference at refOff to them.
+func relocate(b []byte, from, n, refOff, flags uint64, cs uint64) []byte {
+	to := uint64(len(b))
+	b = append(b, b[from:from+n*cs]...)
+	clear(b[from : from+n*cs])
+	be64(b, refOff, to|flags)
+	return b
+}
+
+// TestReaderOutOfOrder: tables that arrive before what maps them are held
+// (within MaxBuffered) and used; past the bound the error says to use a
+// file.
+func TestReaderOutOfOrder(t *testing.T) {
+	base, raw, l := hostileBase(t)
+	cs := l.ClusterSize()
+	// L1 after the data: both L2 tables and all data arrive first.
+	img := relocate(bytes.Clone(base), l.L1Offset, l.L1Clusters, 40, 0, cs)
+	decodeBoth(t, img, raw, false, ReaderOptions{})
+	r, err := NewReader(streamOnly{bytes.NewReader(img)}, ReaderOptions{MaxBuffered: int64(8 * cs)})
+	if err == nil {
+		_, err = collect(r, nil, 1<<20)
+	}
+	if !errors.Is(err, ErrNeedRandomAccess) || !strings.Contains(err.Error(), "given as a file") {
+		t.Fatalf("want ErrNeedRandomAccess, got %v", err)
+	}
+	// The second L2 table after the data it maps.
+	img = relocate(bytes.Clone(base), l.L2Offset+cs, 1, l.L1Offset+8, 1<<63, cs)
+	decodeBoth(t, img, raw, true, ReaderOptions{})
+	// Garbage after the image is drained and ignored.
+	img = append(bytes.Clone(base), make([]byte, 3*cs+5)...)
+	decodeBoth(t, img, raw, false, ReaderOptions{})
+}
+
+// TestReaderPendingLimit: references to clusters far ahead are bounded.
+func TestReaderPendingLimit(t *testing.T) {
+	base, _, l := hostileBase(t)
+	img := bytes.Clone(base)
+	// Point the first L2 table's 512 entries at scattered clusters far
+	// ahead: every one is its own pending run.
+	for g := uint64(0); g < 512; g++ {
+		be64(img, l.L2Offset+g*8, (1<<40+g*2*l.ClusterSize())|1<<63)
+	}
+	r, err := NewReader(streamOnly{bytes.NewReader(img)}, ReaderOptions{MaxBuffered: 1 << 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.s.maxPending = 100 // the real bound is MaxBuffered/128, at least 4096
+	_, err = collect(r, nil, 1<<20)
+	if !errors.Is(err, ErrNeedRandomAccess) || !strings.Contains(err.Error(), "references to clusters not yet seen") {
+		t.Fatalf("want a pending-limit error, got %v", err)
+	}
+	t.Log(err)
 }
