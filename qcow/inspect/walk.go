@@ -96,6 +96,9 @@ func walkFile(im *image, emit func(piece)) error {
 		return err
 	}
 	span := h.L2Entries() * im.cs
+	// The active L1 table never names one L2 table twice; refusing it also
+	// keeps a hostile image from making us read one table millions of times.
+	seen := map[uint64]bool{}
 	for i, raw := range l1 {
 		start := uint64(i) * span
 		if start >= h.Size {
@@ -113,6 +116,10 @@ func walkFile(im *image, emit func(piece)) error {
 		if e.Offset()%im.cs != 0 || !im.inFile(e.Offset(), im.cs) {
 			return badRef("L1 entry %d: L2 table at %#x is outside the file or unaligned", i, e.Offset())
 		}
+		if seen[e.Offset()] {
+			return badRef("L1 entry %d: L2 table at %#x is already used by another entry", i, e.Offset())
+		}
+		seen[e.Offset()] = true
 		l2, err := im.l2(e.Offset())
 		if err != nil {
 			return fmt.Errorf("L1 entry %d: %w", i, err)
