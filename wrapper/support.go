@@ -158,9 +158,11 @@ type MapCmd struct {
 func (c *MapCmd) Help() string {
 	return `Lists the extents of the image as qemu-img map does: start, length,
 depth, present, zero, data and the host offset (none for compressed
-clusters), with adjacent extents merged the same way. For a stream the
-offsets are those of the stream, as they would be in a file of it.
-Ranges left to a backing file are reported at depth 1, not inspected.
+clusters), with adjacent extents merged the same way. For a stream (-)
+the data offsets are those of the stream, as they would be in a file of it;
+zero ranges carry no offset there, and a stream has no file holes, so data
+preallocated on holes is not reported as reading zero. Ranges left to a
+backing file are reported at depth 1, not inspected.
 
 Examples:
 
@@ -387,7 +389,7 @@ func bashCompletion(app *kong.Node) string {
 	fn := "_" + strings.ReplaceAll(Name, "-", "_")
 	var b strings.Builder
 	globalEnums := map[string][]string{}
-	global := append(flagWords(app, globalEnums), "--help", "-h")
+	global := dedupe(append(flagWords(app, globalEnums), "--help", "-h"))
 	var cmds []string
 	for _, c := range app.Children {
 		if !c.Hidden {
@@ -417,7 +419,7 @@ func bashCompletion(app *kong.Node) string {
 			continue
 		}
 		enums := map[string][]string{}
-		words := append(flagWords(c, enums), global...)
+		words := dedupe(append(flagWords(c, enums), global...))
 		for _, sub := range c.Children {
 			words = append(words, sub.Name)
 		}
@@ -451,4 +453,17 @@ func bashCompletion(app *kong.Node) string {
 `)
 	fmt.Fprintf(&b, "complete -o default -F %s %s qcow2-to-stdout qcow-stream-tool\n", fn, Name)
 	return b.String()
+}
+
+// dedupe drops repeated words, keeping the first of each.
+func dedupe(words []string) []string {
+	seen := map[string]bool{}
+	out := words[:0:0]
+	for _, w := range words {
+		if !seen[w] {
+			seen[w] = true
+			out = append(out, w)
+		}
+	}
+	return out
 }
