@@ -1120,12 +1120,14 @@ func (s *streamState) advance() error {
 		if err != nil {
 			return err
 		}
-		if uint64(len(b)) < cs {
-			return d.wrapf(io.ErrUnexpectedEOF, s.pos, "stream ended inside the L1 table")
-		}
 		first := (p - d.h.L1TableOffset) / 8
 		if first < d.l1Need {
-			s.l1Tab, s.l1At, s.l1I, s.l1N = b, p, first, min(first+cs/8, d.l1Need)
+			// An image may end right after the entries it needs.
+			end := min(first+cs/8, d.l1Need)
+			if uint64(len(b)) < (end-first)*8 {
+				return d.wrapf(io.ErrUnexpectedEOF, s.pos, "stream ended inside the L1 table")
+			}
+			s.l1Tab, s.l1At, s.l1I, s.l1N = b, p, first, end
 		}
 		s.l1Seen = first + cs/8
 		return nil

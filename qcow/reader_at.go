@@ -58,10 +58,14 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 	// whatever the order of the image.
 	for c := uint64(0); c < uint64(h.RefcountTableClusters); c++ {
 		at := h.RefcountTableOffset + c*cs
-		if err := readAt(a.l1Tab, at); err != nil {
+		if at >= d.fileSize {
+			return nil, d.truncated(io.ErrUnexpectedEOF, at, "the end of the refcount table")
+		}
+		n := min(cs, d.fileSize-at)
+		if err := readAt(a.l1Tab[:n], at); err != nil {
 			return nil, d.truncated(err, at, "the end of the refcount table")
 		}
-		for i := uint64(0); i < cs; i += 8 {
+		for i := uint64(0); i+8 <= n; i += 8 {
 			if err := d.markRefcountBlock(at+i, binary.BigEndian.Uint64(a.l1Tab[i:])); err != nil {
 				return nil, err
 			}
@@ -71,7 +75,7 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 	for i := uint64(0); i < d.l1Need; i++ {
 		if i%perCluster == 0 {
 			at := h.L1TableOffset + i*8
-			if err := readAt(a.l1Tab, at); err != nil {
+			if err := readAt(a.l1Tab[:min(cs, (d.l1Need-i)*8)], at); err != nil {
 				return nil, d.truncated(err, at, "the end of the L1 table")
 			}
 		}
@@ -171,9 +175,9 @@ func (a *atState) stepL1() error {
 	i := a.l1I
 	a.l1I++
 	perCluster := cs / 8
-	at := d.h.L1TableOffset + i*8
 	if c := i / perCluster; c != a.l1Clu {
-		if err := a.readAt(a.l1Tab, d.h.L1TableOffset+c*cs, "the L1 table"); err != nil {
+		n := min(cs, (d.l1Need-c*perCluster)*8)
+		if err := a.readAt(a.l1Tab[:n], d.h.L1TableOffset+c*cs, "the L1 table"); err != nil {
 			return err
 		}
 		a.l1Clu = c
@@ -190,7 +194,6 @@ func (a *atState) stepL1() error {
 	if err := a.readAt(a.l2buf, off, fmt.Sprintf("the L2 table for guest %#x", i*span)); err != nil {
 		return err
 	}
-	_ = at
 	g0 := i * d.h.L2Entries()
 	a.l2 = &l2cursor{tab: a.l2buf, at: off, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
 	return nil

@@ -345,6 +345,8 @@ func qemuCases() []qemuCase {
 		qemuCase{name: "extl2-convert", io: [][]string{scatter}, convert: []string{"-o", "extended_l2=on,cluster_size=64k"}},
 		qemuCase{name: "extl2-writes", create: []string{"-o", "extended_l2=on,cluster_size=64k"},
 			io: [][]string{scatter, {"write -P 0x66 4k 4k", "write -P 0x67 72k 8k", "write -z 12k 4k", "write -P 0x68 2052k 4k", "discard 3M 8k"}}},
+		qemuCase{name: "empty"},
+		qemuCase{name: "empty-compat0.10", create: []string{"-o", "compat=0.10"}},
 		qemuCase{name: "lazy", create: []string{"-o", "lazy_refcounts=on"}, io: [][]string{scatter}},
 		qemuCase{name: "prealloc", create: []string{"-o", "preallocation=metadata"}, io: [][]string{scatter}},
 		qemuCase{name: "snapshots", io: [][]string{scatter, {"write -P 0x77 0 32k", "write -P 0x78 3M 64k", "write -z 3200k 64k", "write -P 0x79 5M 128k"}}, snapshot: true},
