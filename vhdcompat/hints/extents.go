@@ -27,7 +27,9 @@ type Extents []Extent
 // extents.
 func Normalize(in []Extent, size int64) Extents {
 	sort.Slice(in, func(i, j int) bool { return in[i].Start < in[j].Start })
-	out := Extents(in[:0])
+	// Never nil: an empty hint means "nothing allocated", while nil means
+	// "no hint" to the exporter, which would then read the whole disk.
+	out := make(Extents, 0, len(in))
 	for _, e := range in {
 		e.Start, e.End = max(e.Start, 0), min(e.End, size)
 		if e.End <= e.Start {

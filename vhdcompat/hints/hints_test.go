@@ -37,8 +37,13 @@ func TestParseMap(t *testing.T) {
 	}
 	// Empty image.
 	got, err = ParseMap(strings.NewReader("[]"), 1<<20)
-	if err != nil || len(got) != 0 {
+	if err != nil || got == nil || len(got) != 0 {
 		t.Fatalf("empty map: %v %v", got, err)
+	}
+	// Nothing with data: an empty, non-nil hint (nil would mean "no hint").
+	got, err = ParseMap(strings.NewReader(`[{"start": 0, "length": 65536, "depth": 0, "present": false, "zero": true, "data": false}]`), 1<<20)
+	if err != nil || got == nil || len(got) != 0 {
+		t.Fatalf("map without data: %#v %v", got, err)
 	}
 }
 
