@@ -34,6 +34,9 @@ type StreamCmd struct {
 	AllocationMap       string `help:"qemu-img map --output=json of the qcow2 behind the source (a path or fd://N): read only what it allocates." placeholder:"FILE"`
 	AllocationInfo      string `help:"qemu-img info --output=json of the qcow2 behind the source: its cluster size replaces --cluster-size." placeholder:"FILE"`
 	BaseAllocationMap   string `help:"qemu-img map --output=json of the qcow2 behind the base." placeholder:"FILE"`
+	BaseAllocationInfo  string `help:"qemu-img info --output=json of the qcow2 behind the base (checked, for symmetry with qcow2-to-stdout)." placeholder:"FILE"`
+	AllocationHeader    string `help:"Older xapi's JSON header for the source (virtual_size, cluster_bits, data_clusters; a path or fd://N): read only those clusters, in its cluster size." placeholder:"FILE"`
+	BaseAllocHeader     string `name:"base-allocation-header" help:"Older xapi's JSON header for the base." placeholder:"FILE"`
 	ChangedBlocks       string `help:"Changed block tracking bitmap (base64, from VDI.list_changed_blocks; a path or fd://N): export only the flagged 64 KiB blocks." placeholder:"FILE"`
 	ProgressFlags
 	CompatFlags
@@ -132,6 +135,11 @@ func (c *StreamCmd) Run(env *Env) error {
 			if req.Source, err = rawdisk.FromFile(f, fmt.Sprintf("fd %d", ep.FD)); err != nil {
 				return err
 			}
+		case "stdin":
+			// A disk redirected onto stdin; a pipe is refused by rawdisk.
+			if req.Source, err = rawdisk.FromFile(env.Stdin, "stdin"); err != nil {
+				return err
+			}
 		default:
 			return &UsageError{fmt.Sprintf("--source %s: a raw disk must be a file, a block device or a descriptor", srcPath)}
 		}
@@ -212,6 +220,34 @@ func (c *StreamCmd) loadHints(req *ExportRequest) error {
 			return err
 		}
 		req.SourceExtents = ext
+	}
+	if c.AllocationHeader != "" {
+		if c.AllocationMap != "" || c.AllocationInfo != "" {
+			return &UsageError{"--allocation-header replaces --allocation-map and --allocation-info: give one or the other"}
+		}
+		l, err := hints.LoadLegacy(c.AllocationHeader)
+		if err != nil {
+			return err
+		}
+		req.ClusterBits, req.SourceExtents = l.ClusterBits, l.Extents
+	}
+	if c.BaseAllocationInfo != "" {
+		if req.Base == nil {
+			return &UsageError{"--base-allocation-info needs --relative-to"}
+		}
+		if _, err := hints.LoadInfo(c.BaseAllocationInfo); err != nil {
+			return fmt.Errorf("base %w", err)
+		}
+	}
+	if c.BaseAllocHeader != "" {
+		if req.Base == nil {
+			return &UsageError{"--base-allocation-header needs --relative-to"}
+		}
+		l, err := hints.LoadLegacy(c.BaseAllocHeader)
+		if err != nil {
+			return fmt.Errorf("base %w", err)
+		}
+		req.BaseExtents = l.Extents
 	}
 	if c.BaseAllocationMap != "" {
 		if req.Base == nil {

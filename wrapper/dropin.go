@@ -7,14 +7,15 @@ import (
 )
 
 // Qcow2ToStdoutCmd is the reference exporter's command line
-// (qcow2-to-stdout.py). (Being written: see issue 4.)
+// (qcow2-to-stdout.py); kong hands over the raw arguments, parsed in
+// qcow2tostdout.go the way the script's argparse does.
 type Qcow2ToStdoutCmd struct {
 	Args []string `arg:"" optional:"" passthrough:""`
 }
 
 // Run executes the drop-in export.
 func (c *Qcow2ToStdoutCmd) Run(env *vhdcompat.Env) error {
-	return errors.New("qcow2-to-stdout: not implemented yet")
+	return runQcow2ToStdout(env, c.Args)
 }
 
 // StreamDecodeCmd is qcow-stream-tool's stream_decode.

@@ -1,0 +1,301 @@
+package wrapper
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+)
+
+// Help is shown by --help (from kong before the input path, from our own
+// parser anywhere else).
+func (c *Qcow2ToStdoutCmd) Help() string { return qcow2ToStdoutHelp }
+
+const qcow2ToStdoutHelp = `Exports a raw disk (a block device or a regular file) as a qcow2 image on
+stdout, with the command line of qcow2-to-stdout.py (xapi's qcow_to_stdout).
+The output is the same as 'xapi-qcow-tool stream' with the same options.
+
+Options (before or after INPUT):
+  --diff BASE                 store only the clusters that differ from BASE
+  -c CLUSTER_SIZE             cluster size, 512 to 2097152 (default 65536)
+  -r REFCOUNT_BITS            refcount width, 1 to 64 (default 16)
+  --json-header-map FD        qemu-img map --output=json of the qcow2 behind INPUT:
+                              only what it allocates is read, the rest is zero
+  --json-header-info FD       qemu-img info --output=json of the same: its
+                              cluster size replaces -c
+  --json-header-diff-map FD   the same for BASE
+  --json-header-diff-info FD  the same for BASE
+  --json-header               older xapi: a JSON object on stdin with virtual_size,
+                              cluster_bits and data_clusters
+  --json-header-diff FD       older xapi: the same object for BASE
+  -d, -R                      external data files: not supported
+FD is a descriptor number (fd://N and paths work too).
+
+Examples:
+  # as xapi runs it (the symlink name selects this command line):
+  qcow2-to-stdout.py /dev/sm/backend/SR/VDI --diff /dev/sm/backend/SR/BASE \
+      --json-header-diff-map 5 --json-header-diff-info 6 --json-header-map 7 --json-header-info 8
+  xapi-qcow-tool qcow2-to-stdout disk.img > disk.qcow2`
+
+// dropinArgs is the parsed command line of qcow2-to-stdout.py.
+type dropinArgs struct {
+	input, base           string
+	clusterSize           uint64
+	refcountBits          uint64
+	mapFD, infoFD         string
+	baseMapFD, baseInfoFD string
+	legacyHeader          bool
+	legacyBaseFD          string
+	help                  bool
+}
+
+// dropinValueOptions take a value; dropinFlags do not.
+var dropinValueOptions = map[string]bool{
+	"--diff": true, "-c": true, "-r": true,
+	"--json-header-map": true, "--json-header-info": true,
+	"--json-header-diff-map": true, "--json-header-diff-info": true,
+	"--json-header-diff": true,
+}
+
+var dropinFlags = map[string]bool{
+	"--json-header": true, "-d": true, "-R": true, "-h": true, "--help": true,
+	// Ours, for the log; the reference has no such options.
+	"-v": true, "--verbose": true, "--debug": true,
+}
+
+// parseDropinArgs parses the reference script's argv the way its argparse
+// does: options before or after the input path, "--opt value",
+// "--opt=value", "-cVALUE", and "--" to end the options.
+func parseDropinArgs(args []string) (*dropinArgs, error) {
+	a := &dropinArgs{clusterSize: 65536, refcountBits: 16}
+	var positional []string
+	for i := 0; i < len(args); i++ {
+		arg := args[i]
+		if arg == "--" {
+			positional = append(positional, args[i+1:]...)
+			break
+		}
+		if len(arg) < 2 || arg[0] != '-' {
+			positional = append(positional, arg)
+			continue
+		}
+		name, value, hasValue := arg, "", false
+		switch {
+		case strings.HasPrefix(arg, "--"):
+			if k := strings.IndexByte(arg, '='); k > 0 {
+				name, value, hasValue = arg[:k], arg[k+1:], true
+			}
+		case len(arg) > 2 && dropinValueOptions[arg[:2]]:
+			name, value, hasValue = arg[:2], arg[2:], true
+		}
+		switch {
+		case dropinValueOptions[name]:
+			if !hasValue {
+				if i+1 >= len(args) {
+					return nil, &vhdcompat.UsageError{Msg: name + " needs a value"}
+				}
+				i++
+				value = args[i]
+			}
+			if err := a.set(name, value); err != nil {
+				return nil, err
+			}
+		case dropinFlags[name] && !hasValue:
+			switch name {
+			case "-d":
+				return nil, &vhdcompat.UsageError{Msg: "-d (input as an external data file) is not supported: export without it"}
+			case "-R":
+				return nil, &vhdcompat.UsageError{Msg: "-R (raw external data file) is not supported: export without it"}
+			case "-h", "--help":
+				a.help = true
+			case "--json-header":
+				a.legacyHeader = true
+			}
+		default:
+			return nil, &vhdcompat.UsageError{Msg: fmt.Sprintf("unknown option %s (see --help)", arg)}
+		}
+	}
+	if a.help {
+		return a, nil
+	}
+	switch {
+	case len(positional) == 0:
+		return nil, &vhdcompat.UsageError{Msg: "missing the input path (a block device or a raw file)"}
+	case len(positional) > 1:
+		return nil, &vhdcompat.UsageError{Msg: fmt.Sprintf("unexpected argument %s: only one input path", positional[1])}
+	}
+	a.input = positional[0]
+	if a.base == "" {
+		for _, o := range []struct{ name, v string }{
+			{"--json-header-diff-map", a.baseMapFD}, {"--json-header-diff-info", a.baseInfoFD}, {"--json-header-diff", a.legacyBaseFD},
+		} {
+			if o.v != "" {
+				return nil, &vhdcompat.UsageError{Msg: o.name + " needs --diff"}
+			}
+		}
+	}
+	if a.legacyHeader && (a.mapFD != "" || a.infoFD != "") {
+		return nil, &vhdcompat.UsageError{Msg: "--json-header cannot be combined with --json-header-map or --json-header-info"}
+	}
+	if a.legacyBaseFD != "" && (a.baseMapFD != "" || a.baseInfoFD != "") {
+		return nil, &vhdcompat.UsageError{Msg: "--json-header-diff cannot be combined with --json-header-diff-map or --json-header-diff-info"}
+	}
+	return a, nil
+}
+
+func (a *dropinArgs) set(name, value string) error {
+	if value == "" {
+		return &vhdcompat.UsageError{Msg: name + " needs a value"}
+	}
+	number := func() (uint64, error) {
+		v, err := strconv.ParseUint(value, 10, 64)
+		if err != nil {
+			return 0, &vhdcompat.UsageError{Msg: fmt.Sprintf("%s %s: not a number", name, value)}
+		}
+		return v, nil
+	}
+	var err error
+	switch name {
+	case "--diff":
+		a.base = value
+	case "-c":
+		a.clusterSize, err = number()
+	case "-r":
+		a.refcountBits, err = number()
+	case "--json-header-map":
+		a.mapFD = value
+	case "--json-header-info":
+		a.infoFD = value
+	case "--json-header-diff-map":
+		a.baseMapFD = value
+	case "--json-header-diff-info":
+		a.baseInfoFD = value
+	case "--json-header-diff":
+		a.legacyBaseFD = value
+	}
+	return err
+}
+
+// runQcow2ToStdout runs the drop-in export: it resolves the command line
+// into the same ExportRequest `stream` builds, so the bytes are the same.
+func runQcow2ToStdout(env *vhdcompat.Env, args []string) error {
+	a, err := parseDropinArgs(args)
+	if err != nil {
+		return err
+	}
+	if a.help {
+		fmt.Fprintf(env.Stdout, "Usage: qcow2-to-stdout INPUT [options]\n\n%s\n", qcow2ToStdoutHelp)
+		return nil
+	}
+	clusterBits, err := vhdcompat.PowerOfTwo("-c", a.clusterSize, 512, 2<<20)
+	if err != nil {
+		return err
+	}
+	refOrder, err := vhdcompat.PowerOfTwo("-r", a.refcountBits, 1, 64)
+	if err != nil {
+		return err
+	}
+	req := &vhdcompat.ExportRequest{
+		ClusterBits: clusterBits, RefcountOrder: refOrder,
+		Out: env.Stdout, OutName: "stdout", RefuseTerminal: true, OutputCarriesStream: true,
+	}
+	defer req.Close()
+	// The terminal check comes before anything is read, as the reference
+	// does; RunExport checks again.
+	if vhdcompat.IsTerminal(env.Stdout) {
+		return fmt.Errorf("refusing to write a qcow2 image to a terminal (stdout): redirect it to a file or a pipe")
+	}
+	if req.Source, err = rawdisk.Open(a.input, false); err != nil {
+		return err
+	}
+	if a.base != "" {
+		if req.Base, err = rawdisk.Open(a.base, false); err != nil {
+			return fmt.Errorf("base %w", err)
+		}
+	}
+	if err := a.loadHints(env, req); err != nil {
+		return err
+	}
+	return vhdcompat.RunExport(env, req)
+}
+
+// loadHints applies the descriptors' hints to the request, as `stream`
+// does with --allocation-map/--allocation-info/--allocation-header and
+// their --base-* forms.
+func (a *dropinArgs) loadHints(env *vhdcompat.Env, req *vhdcompat.ExportRequest) error {
+	srcSize := req.Source.Size()
+	if a.infoFD != "" {
+		info, err := hints.LoadInfo(a.infoFD)
+		if err != nil {
+			return fmt.Errorf("--json-header-info: %w", err)
+		}
+		if err := checkHintSize("--json-header-info", info.VirtualSize, req.Source); err != nil {
+			return err
+		}
+		if info.ClusterBits != 0 {
+			req.ClusterBits = info.ClusterBits
+		}
+	}
+	if a.mapFD != "" {
+		ext, err := hints.LoadMap(a.mapFD, srcSize)
+		if err != nil {
+			return fmt.Errorf("--json-header-map: %w", err)
+		}
+		req.SourceExtents = ext
+	}
+	if a.legacyHeader {
+		l, err := hints.ParseLegacy(env.Stdin)
+		if err != nil {
+			return fmt.Errorf("--json-header on stdin: %w", err)
+		}
+		if err := checkHintSize("--json-header", l.VirtualSize, req.Source); err != nil {
+			return err
+		}
+		req.ClusterBits, req.SourceExtents = l.ClusterBits, l.Extents
+	}
+	if req.Base == nil {
+		return nil
+	}
+	if a.baseInfoFD != "" {
+		info, err := hints.LoadInfo(a.baseInfoFD)
+		if err != nil {
+			return fmt.Errorf("--json-header-diff-info: %w", err)
+		}
+		if err := checkHintSize("--json-header-diff-info", info.VirtualSize, req.Base); err != nil {
+			return err
+		}
+	}
+	if a.baseMapFD != "" {
+		ext, err := hints.LoadMap(a.baseMapFD, req.Base.Size())
+		if err != nil {
+			return fmt.Errorf("--json-header-diff-map: %w", err)
+		}
+		req.BaseExtents = ext
+	}
+	if a.legacyBaseFD != "" {
+		l, err := hints.LoadLegacy(a.legacyBaseFD)
+		if err != nil {
+			return fmt.Errorf("--json-header-diff: %w", err)
+		}
+		if err := checkHintSize("--json-header-diff", l.VirtualSize, req.Base); err != nil {
+			return err
+		}
+		// The base's clusters are byte ranges here: a base hinted in
+		// another cluster size compares just as well.
+		req.BaseExtents = l.Extents
+	}
+	return nil
+}
+
+// checkHintSize refuses hints that describe a larger disk than the one we
+// read: they do not belong to it. A smaller one is fine (a logical volume
+// is rounded up to its extent size); what lies past it reads as zero.
+func checkHintSize(opt string, hinted int64, d *rawdisk.Disk) error {
+	if hinted > (d.Size()+511)&^511 {
+		return fmt.Errorf("%s: the image is %d bytes but %s is only %d bytes: the hints are for another disk", opt, hinted, d.Path(), d.Size())
+	}
+	return nil
+}
