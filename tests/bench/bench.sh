@@ -280,7 +280,8 @@ rm -f "$BASE" "$SRC" "$Q1"
 BIG=$DIR/big.img
 if truncate -s "$SCALE" "$BIG" 2>"$DIR/stderr"; then
 	data=0
-	for off in 0 $((4 << 40)) $((SCALE / 2 + (3 << 20))) $((SCALE - (1 << 20))); do
+	OFFS="0 $((4 << 40)) $((SCALE / 2 + (3 << 20))) $((SCALE - (1 << 20)))"
+	for off in $OFFS; do
 		dd if="$RAND" of="$BIG" bs=1M count=1 oflag=seek_bytes seek=$off conv=notrunc status=none
 		data=$((data + (1 << 20)))
 	done
@@ -296,7 +297,12 @@ if truncate -s "$SCALE" "$BIG" 2>"$DIR/stderr"; then
 		mem_check "scale import" "$rss" $((128 << 10))
 		used=$(($(stat -c %b "$DIR/big.out") * $(stat -c %B "$DIR/big.out")))
 		record "scale: imported allocation / data bytes" "$used" "$data" 1.0 "-"
-		run "cmp $BIG $DIR/big.out 2>/dev/null || qemu-img compare -f raw -F raw $BIG $DIR/big.out >/dev/null"
+		# Judge only where the data is (reading terabytes of holes would
+		# take minutes): same size, same bytes at each data run.
+		[[ $(stat -c %s "$DIR/big.out") == "$SCALE" ]] || die "scale import: $DIR/big.out has the wrong size"
+		for off in $OFFS; do
+			run "cmp -n $((1 << 20)) -i $off:$off $BIG $DIR/big.out"
+		done
 	else
 		skip "scale: import $scale_name sparse, 4 MiB data" 1.0 "serve does not import qcow2 yet"
 	fi
