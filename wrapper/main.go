@@ -14,7 +14,9 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/alecthomas/kong"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
@@ -70,8 +72,44 @@ func Run(env *vhdcompat.Env, argv []string) int {
 	logger, closeLog := newLogger(env, args)
 	defer closeLog()
 	env.Log = logger
-	code := run(env, args)
-	return code
+	done := make(chan int, 1)
+	go func() { done <- run(env, args) }()
+	select {
+	case code := <-done:
+		return code
+	case <-env.Ctx.Done():
+	}
+	// A signal: the command stops at its next check of the context, but a
+	// write to a pipe nobody reads (or a read from a silent socket) blocks
+	// in the kernel and is restarted after the signal. Give the command a
+	// moment to stop cleanly, then end the run ourselves.
+	select {
+	case code := <-done:
+		return code
+	case <-time.After(signalGrace):
+		code := fail(env, fmt.Errorf("%s: interrupted: %w", commandName(args), context.Cause(env.Ctx)), 1)
+		exiting.Store(true)
+		return code
+	}
+}
+
+// signalGrace is how long a command may take to stop after SIGTERM or
+// SIGINT before the run is ended without it.
+const signalGrace = time.Second
+
+// exiting is set once a run ended by a signal has printed its error line,
+// so that the command, still running until the process exits, cannot print
+// a second one.
+var exiting atomic.Bool
+
+// commandName is the command a command line runs, for messages.
+func commandName(args []string) string {
+	for _, a := range args {
+		if !strings.HasPrefix(a, "-") {
+			return a
+		}
+	}
+	return Name
 }
 
 func run(env *vhdcompat.Env, args []string) int {
@@ -107,9 +145,11 @@ func run(env *vhdcompat.Env, args []string) int {
 	if err != nil {
 		return fail(env, usageText(err), 2)
 	}
+	start := time.Now()
+	env.Log.Info("started", "command", kctx.Command(), "args", strings.Join(args, " "))
 	err = kctx.Run(env)
 	if err == nil {
-		env.Log.Info("finished", "command", kctx.Command())
+		env.Log.Info("finished", "command", kctx.Command(), "exit_status", 0, "elapsed_ms", time.Since(start).Milliseconds())
 		return 0
 	}
 	var ue *vhdcompat.UsageError
@@ -136,6 +176,9 @@ func usageText(err error) error {
 // priority, and returns code.
 func fail(env *vhdcompat.Env, err error, code int) int {
 	msg := OneLine(err.Error())
+	if exiting.Load() {
+		return code // the run already ended with its one line
+	}
 	fmt.Fprintf(env.Stderr, "%s: %s\n", Name, msg)
 	if env.Log != nil {
 		env.Log.Error(msg, "exit_status", code)
