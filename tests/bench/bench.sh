@@ -280,7 +280,9 @@ rm -f "$BASE" "$SRC" "$Q1"
 BIG=$DIR/big.img
 if truncate -s "$SCALE" "$BIG" 2>"$DIR/stderr"; then
 	data=0
-	OFFS="0 $((4 << 40)) $((SCALE / 2 + (3 << 20))) $((SCALE - (1 << 20)))"
+	past4t=$((4 << 40)) # the L1 table spans several clusters past 4 TiB
+	((past4t < SCALE / 2)) || past4t=$((SCALE / 4 + (5 << 20)))
+	OFFS="0 $past4t $((SCALE / 2 + (3 << 20))) $((SCALE - (1 << 20)))"
 	for off in $OFFS; do
 		dd if="$RAND" of="$BIG" bs=1M count=1 oflag=seek_bytes seek=$off conv=notrunc status=none
 		data=$((data + (1 << 20)))

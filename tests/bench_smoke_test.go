@@ -1,0 +1,62 @@
+package tests
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchSmoke runs the benchmark in its quick mode (tiny images): it
+// must finish, exit 0 and print its table with a verdict on every row, so
+// that `make bench` does not rot between the times someone runs it in full.
+func TestBenchSmoke(t *testing.T) {
+	for _, tool := range []string{"bash", "dd", "awk", "truncate", "sort", "cmp"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("SKIP: %s not installed", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join("bench", "bench.sh"))
+	dir := t.TempDir()
+	cmd.Env = append(os.Environ(), "BENCH_QUICK=1", "BIN="+bin, "BENCH_DOC=", "BENCH_DIR="+dir)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("bench.sh timed out\n%s", errb.Bytes())
+	}
+	if err != nil {
+		t.Fatalf("bench.sh: %v\nstdout:\n%s\nstderr:\n%s", err, out.Bytes(), errb.Bytes())
+	}
+	text := out.String()
+	if !strings.Contains(text, "| case | ours (s) | limit (s) | ratio | target |") {
+		t.Fatalf("no table in the output:\n%s", text)
+	}
+	rows := 0
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, "| ") || strings.HasPrefix(line, "| case ") {
+			continue
+		}
+		rows++
+		if !strings.Contains(line, "| PASS |") && !strings.Contains(line, "| MISS |") && !strings.Contains(line, "| SKIP: ") {
+			t.Errorf("row without a verdict: %s", line)
+		}
+	}
+	for _, want := range []string{"export 16 MiB random", "export 64 MiB, 25 % data in runs", "export diff of 64 MiB", "scale: export"} {
+		if !strings.Contains(text, "| "+want) {
+			t.Errorf("table has no row %q:\n%s", want, text)
+		}
+	}
+	if rows < 8 {
+		t.Errorf("table has %d rows, want every case (at least 8):\n%s", rows, text)
+	}
+	if left, _ := os.ReadDir(dir); len(left) > 0 {
+		t.Errorf("bench.sh left %d entries behind in its directory (images must be removed)", len(left))
+	}
+}
