@@ -35,7 +35,14 @@ type proc struct {
 // test if it is still running.
 func startTool(t testing.TB, stdin, stdout *os.File, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(bin, args...), done: make(chan struct{})}
+	return startCmd(t, stdin, stdout, args, bin)
+}
+
+// startCmd is startTool for another program (e.g. prlimit running the
+// binary).
+func startCmd(t testing.TB, stdin, stdout *os.File, args []string, path string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(path, args...), done: make(chan struct{})}
 	if stdin != nil {
 		p.cmd.Stdin = stdin
 	}

@@ -7,10 +7,12 @@ package tests
 // docs/RELIABILITY.md states the guarantees these tests hold the tool to.
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -439,4 +441,227 @@ func TestFaultTerminalRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hostileCase is a real export, damaged.
+type hostileCase struct {
+	name   string
+	mutate func(img []byte) []byte
+	// refcountOnly marks damage to the refcount structures alone, which an
+	// import does not need: the tool may refuse it, or import the image
+	// correctly — never anything else.
+	refcountOnly bool
+}
+
+// hostileImage is the layout of the export the hostile cases damage.
+type hostileImage struct {
+	img                 []byte
+	cs                  int64
+	refOffset, l1Offset int64
+	l1                  []uint64 // entries
+	l2                  []int64  // offsets of the L2 tables, in L1 order
+	dataStart           int64    // first data cluster (after the last L2)
+	vsize               int64
+}
+
+const (
+	copied     = uint64(1) << 63
+	compressed = uint64(1) << 62
+)
+
+func be64(b []byte, off int64) uint64 { return binary.BigEndian.Uint64(b[off:]) }
+
+// hostileCases damages img at each section and in each field that the
+// decoder must check: truncations, header fields, tables pointing into
+// metadata or far away, duplicate references, garbage compressed data.
+func hostileCases(h hostileImage) []hostileCase {
+	put32 := func(off int64, v uint32) func([]byte) []byte {
+		return func(b []byte) []byte { binary.BigEndian.PutUint32(b[off:], v); return b }
+	}
+	put64 := func(off int64, v uint64) func([]byte) []byte {
+		return func(b []byte) []byte { binary.BigEndian.PutUint64(b[off:], v); return b }
+	}
+	both := func(f, g func([]byte) []byte) func([]byte) []byte { return func(b []byte) []byte { return g(f(b)) } }
+	cut := func(n int64) func([]byte) []byte { return func(b []byte) []byte { return b[:n] } }
+	l2a := h.l2[0]
+	data0 := be64(h.img, l2a) &^ copied // host offset of guest cluster 0
+	cs := uint64(h.cs)
+	var cases []hostileCase
+	add := func(name string, f func([]byte) []byte) { cases = append(cases, hostileCase{name, f, false}) }
+
+	for _, n := range []int64{0, 50, 104, h.cs, h.refOffset + 8, h.l1Offset, h.l1Offset + 8, l2a + 100,
+		h.dataStart, h.dataStart + h.cs/2, int64(len(h.img)) - 1} {
+		add(fmt.Sprintf("truncated-at-%d", n), cut(n))
+	}
+	add("magic", put32(0, 0x51464900))
+	add("version-1", put32(4, 1))
+	add("version-4", put32(4, 4))
+	add("backing-file-past-end", both(put64(8, 1<<40), put32(16, 12)))
+	add("backing-file-name-huge", both(put64(8, 200), put32(16, 0xffffffff)))
+	add("cluster-bits-8", put32(20, 8))
+	add("cluster-bits-22", put32(20, 22))
+	add("cluster-bits-63", put32(20, 63))
+	add("size-2^63", put64(24, 1<<63))
+	add("size-2^60", put64(24, 1<<60))
+	add("size-larger-than-destination", put64(24, uint64(h.vsize)+cs))
+	add("crypt-method", put32(32, 1))
+	add("l1-size-huge", put32(36, 0xffffffff))
+	add("l1-size-too-small", put32(36, 1))
+	add("l1-offset-unaligned", put64(40, uint64(h.l1Offset)+8))
+	add("l1-offset-far", put64(40, 1<<55))
+	add("l1-offset-in-header", put64(40, 0))
+	add("l1-offset-on-refcount-table", put64(40, uint64(h.refOffset)))
+	add("refcount-table-unaligned", put64(48, uint64(h.refOffset)+8))
+	add("refcount-table-in-header", put64(48, 0))
+	add("refcount-table-clusters-huge", put32(56, 0xffffffff))
+	add("snapshots-huge", both(put32(60, 0xffffffff), put64(64, 1<<55)))
+	add("incompatible-unknown-bit", put64(72, 1<<63))
+	add("incompatible-corrupt", put64(72, 1<<1))
+	add("incompatible-external-data", put64(72, 1<<2))
+	add("refcount-order-7", put32(96, 7))
+	add("header-length-short", put32(100, 50))
+	add("header-length-huge", put32(100, 0xffffffff))
+	add("compression-type-unknown", both(put64(72, 1<<3), func(b []byte) []byte { b[104] = 9; return b }))
+
+	l1 := func(i int, v uint64) func([]byte) []byte { return put64(h.l1Offset+8*int64(i), v) }
+	l2 := func(i int, v uint64) func([]byte) []byte { return put64(l2a+8*int64(i), v) }
+	add("l1-into-header", l1(0, cs|copied))
+	add("l1-into-refcount-table", l1(0, uint64(h.refOffset)|copied))
+	add("l1-into-itself", l1(0, uint64(h.l1Offset)|copied))
+	add("l1-into-data", l1(0, data0|copied))
+	add("l1-far", l1(0, 1<<55|copied))
+	add("l1-unaligned", l1(0, uint64(l2a)+512|copied))
+	add("l1-reserved-bits", l1(0, h.l1[0]|1<<2))
+	add("l1-duplicate-l2", l1(1, h.l1[0]))
+	add("l2-into-header", l2(0, cs|copied))
+	add("l2-into-refcount-table", l2(0, uint64(h.refOffset)|copied))
+	add("l2-into-l1", l2(0, uint64(h.l1Offset)|copied))
+	add("l2-into-itself", l2(0, uint64(l2a)|copied))
+	add("l2-far", l2(0, 1<<55|copied))
+	add("l2-unaligned", l2(0, data0+512|copied))
+	add("l2-reserved-bits", l2(0, data0|copied|1<<57))
+	add("l2-duplicate-reference", l2(1, data0|copied))
+	// Compressed descriptor for 64 KiB clusters: offset in bits 0..53,
+	// additional 512-byte sectors in bits 54..61.
+	add("compressed-garbage", l2(0, compressed|3<<54|data0))
+	add("compressed-far", l2(0, compressed|3<<54|(1<<53)))
+	add("compressed-into-l2", l2(0, compressed|1<<54|uint64(l2a)))
+	refOnly := func(name string, f func([]byte) []byte) {
+		cases = append(cases, hostileCase{name, f, true})
+	}
+	refOnly("refcount-table-far", put64(48, 1<<55))
+	refOnly("refcount-block-far", put64(h.refOffset, 1<<55))
+	refOnly("refcount-block-into-l1", put64(h.refOffset, uint64(h.l1Offset)))
+	return cases
+}
+
+// TestFaultHostileStreams runs the built binary's serve on damaged
+// exports, from a pipe (forward only) and from a file (random access),
+// under an address-space limit: each ends with one line, quickly, within a
+// small memory footprint, and the destination never grows past the image's
+// virtual size.
+func TestFaultHostileStreams(t *testing.T) {
+	dir := t.TempDir()
+	const vsize = 1536 << 20 // three L2 tables of 64 KiB clusters
+	src := filepath.Join(dir, "src.img")
+	sparseFile(t, src, vsize)
+	r := rand.New(rand.NewSource(65))
+	writeRandom(t, r, src, 0, 1<<20)
+	writeRandom(t, r, src, 512<<20+65536, 256<<10)
+	writeRandom(t, r, src, vsize-4096, 4096)
+	ref := filepath.Join(dir, "ref.qcow2")
+	exportToFile(t, ref, "stream", "--source", src)
+	h := hostileImage{cs: 65536, vsize: vsize}
+	var err error
+	if h.img, err = os.ReadFile(ref); err != nil {
+		t.Fatal(err)
+	}
+	hdr := readHeader(t, ref)
+	if hdr.clusterBits != 16 || hdr.l1Size != 3 {
+		t.Fatalf("unexpected reference image: cluster bits %d, %d L1 entries", hdr.clusterBits, hdr.l1Size)
+	}
+	h.refOffset, h.l1Offset = hdr.refOffset, hdr.l1Offset
+	for i := int64(0); i < hdr.l1Size; i++ {
+		e := be64(h.img, hdr.l1Offset+8*i)
+		h.l1 = append(h.l1, e)
+		if off := int64(e &^ copied); off != 0 {
+			h.l2 = append(h.l2, off)
+			h.dataStart = max(h.dataStart, off+h.cs)
+		}
+	}
+	if len(h.l2) != 3 {
+		t.Fatalf("reference image has %d L2 tables, want 3", len(h.l2))
+	}
+	// The undamaged image imports (so a failure below is the damage's).
+	dst := filepath.Join(dir, "dst.img")
+	mustRun(t, nil, "serve", "--source", ref, "--destination", dst, "--destination-size", fmt.Sprint(vsize))
+
+	var limit []string
+	if p, err := exec.LookPath("prlimit"); err == nil {
+		// 4 GiB of address space: Go's runtime needs well over 1 GiB of
+		// reservations to start; a table sized by a hostile count
+		// (a 2^32-entry L1 is 32 GiB) would not fit.
+		limit = []string{p, fmt.Sprintf("--as=%d", int64(4)<<30), "--"}
+	} else {
+		t.Log("prlimit not installed: memory judged by peak RSS only")
+	}
+	bad := filepath.Join(dir, "bad.qcow2")
+	var slowest time.Duration
+	var peak int64
+	for _, c := range hostileCases(h) {
+		for _, mode := range []string{"pipe", "file"} {
+			t.Run(c.name+"/"+mode, func(t *testing.T) {
+				b := c.mutate(append([]byte(nil), h.img...))
+				if err := os.WriteFile(bad, b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				os.Remove(dst)
+				args := []string{"serve", "--destination", dst, "--destination-size", fmt.Sprint(vsize)}
+				var p *proc
+				start := time.Now()
+				if mode == "file" {
+					p = startLimited(t, limit, nil, append(args, "--source", bad)...)
+				} else {
+					pr, pw := pipe(t)
+					p = startLimited(t, limit, pr, args...)
+					pr.Close()
+					go func() { pw.Write(b); pw.Close() }()
+				}
+				code := p.wait(t, 10*time.Second)
+				el := time.Since(start)
+				slowest = max(slowest, el)
+				peak = max(peak, p.maxRSS())
+				if code == 0 && c.refcountOnly {
+					if _, err := exec.LookPath("qemu-img"); err == nil {
+						qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", dst, src)
+					} else {
+						t.Log("qemu-img not installed: content of the accepted image not compared")
+					}
+				} else {
+					checkFailureLine(t, code, p.stderr.String())
+					t.Log(strings.TrimSpace(p.stderr.String()))
+				}
+				if el > 3*time.Second {
+					t.Errorf("took %v", el)
+				}
+				if rss := p.maxRSS(); rss > 128<<20 {
+					t.Errorf("peak RSS %d MiB", rss>>20)
+				}
+				if st, err := os.Stat(dst); err == nil && st.Size() > vsize {
+					t.Errorf("destination grew to %d bytes, past the virtual size %d", st.Size(), int64(vsize))
+				}
+			})
+		}
+	}
+	t.Logf("slowest hostile run %v, peak RSS %d MiB", slowest, peak>>20)
+}
+
+// startLimited starts the binary under a resource-limiting command
+// (prlimit ... --), or directly when limit is empty.
+func startLimited(t testing.TB, limit []string, stdin *os.File, args ...string) *proc {
+	t.Helper()
+	if len(limit) == 0 {
+		return startTool(t, stdin, nil, args...)
+	}
+	return startCmd(t, stdin, nil, append(append(limit[1:len(limit):len(limit)], bin), args...), limit[0])
 }
