@@ -1,10 +1,141 @@
 package vhdcompat
 
-import "errors"
+import (
+	"fmt"
+	"os"
+
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/importer"
+)
 
 // ServeCmd is `serve`: import a qcow2 stream into a raw disk.
-// (Being written: see issue 3.)
-type ServeCmd struct{}
+type ServeCmd struct {
+	SourceFormat      string `default:"qcow2" help:"Format of the source (qcow2)."`
+	SourceProtocol    string `default:"none" help:"Protocol of the source (none)."`
+	Source            string `default:"stdin:" help:"Where the image comes from: stdin:, fd://N, file://PATH or a path. A regular file is read with random access (any layout); a pipe or socket front to back." placeholder:"URI"`
+	SourceFD          *int   `name:"source-fd" help:"Read the image from this open descriptor." placeholder:"N"`
+	Destination       string `help:"Raw disk to write: file://PATH or a path (a regular file, created if missing, or a block device)." placeholder:"URI"`
+	DestinationFD     *int   `name:"destination-fd" help:"Write to the raw disk open on this descriptor." placeholder:"N"`
+	DestinationFormat string `default:"raw" help:"Format of the destination (raw)."`
+	DestinationSize   int64  `name:"destination-size" help:"Size of the destination in bytes: a larger image is refused before any write." placeholder:"BYTES"`
+	Prezeroed         bool   `help:"The destination already reads as zeros: zeros are not written."`
+	Delta             bool   `help:"Apply a diff: leave clusters the image does not allocate untouched (zero clusters are still zeroed); a backing file is accepted."`
+	Direct            bool   `aliases:"unbuffered" help:"Write the destination with O_DIRECT."`
+	MaxBuffer         int64  `name:"max-buffer" help:"Bytes of stream data that may be held in memory before the tables say where they go (0: the decoder's default, 256 MiB)." placeholder:"BYTES"`
+	ProgressFlags
+	CompatFlags
+}
+
+// Help is shown by --help.
+func (c *ServeCmd) Help() string {
+	return `Imports a qcow2 image into a raw disk (regular file or block device) in
+one forward pass: from a pipe or socket without seeking (qemu-img's and our own
+layouts), or from a regular file with random access (any layout). The
+destination ends up holding exactly the image's content in [0, virtual size):
+what reads as zero is zeroed cheaply (hole punching, BLKZEROOUT) unless
+--prezeroed; with --delta, clusters the image does not allocate are left
+untouched. Sizes, header and backing file are checked before the first write.
+
+Examples:
+  xapi-qcow-tool serve --source disk.qcow2 --destination disk.img
+  cat disk.qcow2 | xapi-qcow-tool serve --destination /dev/sdb
+  xapi-qcow-tool stream --source new.img --relative-to base.img | \
+      xapi-qcow-tool serve --delta --destination copy-of-base.img
+  # as xapi's vhd_tool_wrapper runs vhd-tool:
+  xapi-qcow-tool serve --source-format qcow2 --source-protocol none --source-fd 5 \
+      --tar-filename-prefix "" --destination file:///dev/sm/backend/SR/VDI \
+      --destination-format raw --progress --machine --direct \
+      --destination-size 10737418240 --prezeroed`
+}
 
 // Run executes the serve command.
-func (c *ServeCmd) Run(env *Env) error { return errors.New("serve: not implemented yet") }
+func (c *ServeCmd) Run(env *Env) error {
+	if c.SourceFormat != "qcow2" {
+		return &UsageError{fmt.Sprintf("--source-format %s is not supported (supported: qcow2; vhd-tool handles raw and vhd)", c.SourceFormat)}
+	}
+	if c.SourceProtocol != "none" {
+		return &UsageError{fmt.Sprintf("--source-protocol %s is not supported (supported: none)", c.SourceProtocol)}
+	}
+	if c.DestinationFormat != "raw" {
+		return &UsageError{fmt.Sprintf("--destination-format %s is not supported (supported: raw)", c.DestinationFormat)}
+	}
+	if c.DestinationSize < 0 {
+		return &UsageError{fmt.Sprintf("--destination-size %d must not be negative", c.DestinationSize)}
+	}
+	if c.MaxBuffer < 0 {
+		return &UsageError{fmt.Sprintf("--max-buffer %d must not be negative", c.MaxBuffer)}
+	}
+	opt := importer.Options{
+		DestinationSize: c.DestinationSize, Direct: c.Direct, Delta: c.Delta, Prezeroed: c.Prezeroed,
+		MaxBuffered: c.MaxBuffer, Log: env.Log,
+	}
+
+	switch {
+	case c.SourceFD != nil:
+		f, err := FDFile(*c.SourceFD, "--source-fd")
+		if err != nil {
+			return err
+		}
+		opt.Source, opt.SourceName = f, fmt.Sprintf("fd %d", *c.SourceFD)
+	default:
+		ep, err := ParseEndpoint(c.Source)
+		if err != nil {
+			return err
+		}
+		switch ep.Kind {
+		case "stdin":
+			opt.Source, opt.SourceName = env.Stdin, "stdin"
+		case "fd":
+			f, err := FDFile(ep.FD, "--source")
+			if err != nil {
+				return err
+			}
+			opt.Source, opt.SourceName = f, fmt.Sprintf("fd %d", ep.FD)
+		case "file":
+			f, err := os.Open(ep.Path)
+			if err != nil {
+				return fmt.Errorf("source %s: %w", ep.Path, unwrapPath(err))
+			}
+			defer f.Close()
+			opt.Source, opt.SourceName = f, ep.Path
+		default:
+			return &UsageError{fmt.Sprintf("--source %s: the image must come from stdin:, fd://N, file://PATH or a path", c.Source)}
+		}
+	}
+
+	switch {
+	case c.DestinationFD != nil:
+		f, err := FDFile(*c.DestinationFD, "--destination-fd")
+		if err != nil {
+			return err
+		}
+		opt.Destination, opt.DestinationName = f, fmt.Sprintf("fd %d", *c.DestinationFD)
+	case c.Destination == "":
+		return &UsageError{"--destination is required (file://PATH or a path; or --destination-fd N)"}
+	default:
+		ep, err := ParseEndpoint(c.Destination)
+		if err != nil {
+			return err
+		}
+		switch ep.Kind {
+		case "file":
+			opt.DestinationPath = ep.Path
+		case "fd":
+			f, err := FDFile(ep.FD, "--destination")
+			if err != nil {
+				return err
+			}
+			opt.Destination, opt.DestinationName = f, fmt.Sprintf("fd %d", ep.FD)
+		default:
+			return &UsageError{fmt.Sprintf("--destination %s: a raw disk must be file://PATH, a path or fd://N", c.Destination)}
+		}
+	}
+
+	progress, err := c.ProgressFlags.Reporter(env, false)
+	if err != nil {
+		return err
+	}
+	opt.Progress = progress.Update
+	_, err = importer.Run(env.Ctx, opt)
+	progress.Finish(err == nil)
+	return err
+}

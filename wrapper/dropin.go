@@ -1,9 +1,8 @@
 package wrapper
 
 import (
-	"errors"
-
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/importer"
 )
 
 // Qcow2ToStdoutCmd is the reference exporter's command line
@@ -18,12 +17,17 @@ func (c *Qcow2ToStdoutCmd) Run(env *vhdcompat.Env) error {
 	return runQcow2ToStdout(env, c.Args)
 }
 
-// StreamDecodeCmd is qcow-stream-tool's stream_decode.
+// StreamDecodeCmd is qcow-stream-tool's stream_decode: the qcow2 image on
+// stdin (xapi's HTTP socket) into PATH, leaving what the image does not
+// allocate untouched (serve --delta), nothing on stdout.
 type StreamDecodeCmd struct {
 	Path string `arg:"" help:"Raw file or block device to write."`
 }
 
 // Run executes stream_decode.
 func (c *StreamDecodeCmd) Run(env *vhdcompat.Env) error {
-	return errors.New("stream_decode: not implemented yet")
+	_, err := importer.Run(env.Ctx, importer.Options{
+		Source: env.Stdin, SourceName: "stdin", DestinationPath: c.Path, Delta: true, Log: env.Log,
+	})
+	return err
 }

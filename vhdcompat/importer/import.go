@@ -1,0 +1,239 @@
+package importer
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"time"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+)
+
+// Options describe one import.
+type Options struct {
+	// Source carries the qcow2 image. A regular file is read with random
+	// access from its current position (any layout); anything else — a
+	// pipe, a socket — is read front to back, never seeked.
+	Source     *os.File
+	SourceName string
+
+	// The destination: an open descriptor, or else a path (a regular
+	// file, created if missing, or a block device).
+	Destination     *os.File
+	DestinationPath string
+	DestinationName string // for messages; defaults to the path
+	// DestinationSize, when non-zero, declares the destination's size: a
+	// larger image is refused before any write.
+	DestinationSize int64
+
+	Direct    bool // O_DIRECT on a destination opened by path
+	Delta     bool // leave unallocated clusters untouched; accept a backing file
+	Prezeroed bool // the destination already reads as zeros
+	// MaxBuffered bounds the stream data the decoder may hold before it
+	// knows where it goes; 0 is the decoder's default.
+	MaxBuffered int64
+
+	// Progress, when set, is called with the bytes of the virtual disk
+	// done and its size.
+	Progress func(done, total uint64)
+	Log      *slog.Logger
+}
+
+// Result reports what an import did.
+type Result struct {
+	VirtualSize int64
+	Stats       Stats
+	Elapsed     time.Duration
+}
+
+// SizeError refuses an image that does not fit its destination.
+type SizeError struct {
+	Destination string
+	VirtualSize int64
+	Size        int64
+	Why         string
+}
+
+func (e *SizeError) Error() string {
+	return fmt.Sprintf("the image's virtual size (%d bytes) is larger than %s (%d bytes%s): nothing was written",
+		e.VirtualSize, e.Destination, e.Size, e.Why)
+}
+
+// BackingFileError refuses an image that names a backing file outside
+// delta mode: its unallocated clusters would read as the backing file's
+// data, which the import does not have.
+type BackingFileError struct{ Name string }
+
+func (e *BackingFileError) Error() string {
+	return fmt.Sprintf("the image has a backing file (%q): importing it alone would lose the backing data; apply it with --delta (stream_decode) on top of a copy of its base", e.Name)
+}
+
+// Run imports opt.Source into the destination. Everything that can be
+// checked — the header, the backing file, the sizes — is checked before
+// the first write; the destination is synced before Run returns nil.
+func Run(ctx context.Context, opt Options) (*Result, error) {
+	log := opt.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if opt.DestinationName == "" {
+		opt.DestinationName = opt.DestinationPath
+	}
+	start := time.Now()
+	fail := func(err error) (*Result, error) {
+		var de *rawdisk.DiskError
+		if errors.As(err, &de) && de.Path == opt.DestinationName && de.Op != "" {
+			// Name the destination once: "into PATH: write at offset N: EIO".
+			return nil, fmt.Errorf("import from %s into %s: %s: %w", opt.SourceName, opt.DestinationName, de.Op, de.Err)
+		}
+		return nil, fmt.Errorf("import from %s into %s: %w", opt.SourceName, opt.DestinationName, err)
+	}
+
+	r, err := openReader(ctx, opt)
+	if err != nil {
+		return fail(err)
+	}
+	hdr := r.Header()
+	if hdr.BackingFile != "" && !opt.Delta {
+		return fail(&BackingFileError{Name: hdr.BackingFile})
+	}
+	if hdr.Size > math.MaxInt64 {
+		return fail(fmt.Errorf("virtual size %d is too large", hdr.Size))
+	}
+	vsize := int64(hdr.Size)
+	if opt.DestinationSize > 0 && vsize > opt.DestinationSize {
+		return fail(&SizeError{Destination: opt.DestinationName, VirtualSize: vsize, Size: opt.DestinationSize, Why: ", from --destination-size"})
+	}
+
+	disk, err := openDestination(opt)
+	if err != nil {
+		return fail(err)
+	}
+	defer disk.Close()
+	knownZeroFrom := vsize
+	switch {
+	case disk.Kind() == rawdisk.BlockDevice:
+		if vsize > disk.Size() {
+			return fail(&SizeError{Destination: opt.DestinationName, VirtualSize: vsize, Size: disk.Size(), Why: ", a block device"})
+		}
+	case disk.Size() < vsize:
+		// A regular file grows to the virtual size; the new part reads
+		// as zeros without being written.
+		knownZeroFrom = disk.Size()
+		if err := disk.Truncate(vsize); err != nil {
+			return fail(err)
+		}
+	}
+	if opt.Prezeroed {
+		knownZeroFrom = 0
+	}
+
+	attrs := []any{"source", opt.SourceName, "destination", opt.DestinationName, "virtual_size", vsize,
+		"delta", opt.Delta, "prezeroed", opt.Prezeroed, "direct", disk.Direct()}
+	log.Info("import started", attrs...)
+
+	sink := NewSink(disk, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
+	var done uint64
+	for {
+		if err := ctx.Err(); err != nil {
+			return fail(fmt.Errorf("interrupted: %w", context.Cause(ctx)))
+		}
+		ext, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if err := apply(sink, ext); err != nil {
+			return fail(err)
+		}
+		done += ext.Length
+		if opt.Progress != nil {
+			opt.Progress(min(done, hdr.Size), hdr.Size)
+		}
+	}
+	if done != hdr.Size {
+		return fail(fmt.Errorf("the decoder covered %d of %d bytes", done, hdr.Size))
+	}
+	if err := sink.Flush(); err != nil {
+		return fail(err)
+	}
+	if err := disk.Sync(); err != nil {
+		return fail(err)
+	}
+	res := &Result{VirtualSize: vsize, Stats: sink.Stats, Elapsed: time.Since(start)}
+	log.Info("import finished", append(attrs, "bytes_written", res.Stats.Written, "bytes_zeroed", res.Stats.Zeroed,
+		"elapsed_ms", res.Elapsed.Milliseconds())...)
+	return res, nil
+}
+
+func apply(s *Sink, e qcow.Extent) error {
+	if e.Offset > math.MaxInt64 || e.Length > math.MaxInt64 {
+		return &BoundsError{Off: -1, Len: -1, Size: s.opt.Size}
+	}
+	off, n := int64(e.Offset), int64(e.Length)
+	switch e.Kind {
+	case qcow.ExtentData:
+		if int64(len(e.Data)) != n {
+			return fmt.Errorf("internal error: data extent at %d has %d bytes for a length of %d", off, len(e.Data), n)
+		}
+		return s.Data(off, e.Data)
+	case qcow.ExtentZero:
+		return s.Zero(off, n)
+	case qcow.ExtentUnallocated:
+		return s.Unallocated(off, n)
+	}
+	return fmt.Errorf("internal error: extent kind %d", e.Kind)
+}
+
+// streamBuffer is the read size on a pipe or socket: large reads keep the
+// system calls few.
+const streamBuffer = 1 << 20
+
+func openReader(ctx context.Context, opt Options) (*qcow.Reader, error) {
+	ropts := qcow.ReaderOptions{MaxBuffered: opt.MaxBuffered, AllowBacking: opt.Delta}
+	f := opt.Source
+	if f == nil {
+		return nil, errors.New("no source")
+	}
+	if st, err := f.Stat(); err == nil && st.Mode().IsRegular() {
+		// A file: random access from where it stands (stdin redirected
+		// from a file may have been read a little already).
+		pos, err := f.Seek(0, io.SeekCurrent)
+		if err == nil && pos <= st.Size() {
+			size := st.Size() - pos
+			return qcow.NewReaderAt(io.NewSectionReader(f, pos, size), size, ropts)
+		}
+	}
+	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, f}, streamBuffer), ropts)
+}
+
+// ctxReader stops reading once the context is cancelled (SIGTERM).
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, fmt.Errorf("interrupted: %w", context.Cause(c.ctx))
+	}
+	return c.r.Read(p)
+}
+
+func openDestination(opt Options) (*rawdisk.Disk, error) {
+	if opt.Destination != nil {
+		return rawdisk.FromFile(opt.Destination, opt.DestinationName)
+	}
+	if opt.DestinationPath == "" {
+		return nil, errors.New("no destination")
+	}
+	return rawdisk.OpenFile(opt.DestinationPath, opt.Direct, 0o644)
+}
