@@ -88,14 +88,6 @@ func (p *proc) wait(t testing.TB, limit time.Duration) int {
 	return 0
 }
 
-// maxRSS is the peak resident memory of the exited process, in bytes.
-func (p *proc) maxRSS() int64 {
-	if ru, ok := p.cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-		return ru.Maxrss << 10
-	}
-	return 0
-}
-
 // checkFailureLine asserts a non-zero status and one line on stderr, of
 // our form, mentioning each of want, without a Go traceback.
 func checkFailureLine(t testing.TB, code int, stderr string, want ...string) {
