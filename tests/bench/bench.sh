@@ -40,7 +40,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 for t in awk dd cat truncate sort; do have "$t" || die "$t is not installed"; done
 
 # Images go to /dev/shm when it has room for them, else to TMPDIR.
-need_mib=$((MIB1G * 4 + MIB4G * 4 + 256))
+need_mib=$((MIB1G * 3 + MIB4G * 2 + 512)) # peak of the images alive at once
 parent=${BENCH_DIR:-}
 if [[ -z $parent ]]; then
 	parent=${TMPDIR:-/tmp}

@@ -32,10 +32,12 @@ type Options struct {
 	RefcountOrder uint32 // default 4 (16-bit refcounts)
 	BackingFile   string // name Base as the image's raw backing file
 
-	// SourceExtents, when non-nil, is where the source may hold data
-	// (e.g. from qemu-img map). Bytes outside it are taken as zeros and are
-	// never read, even if the raw view holds something there. When nil, the
-	// source's own SEEK_DATA extents are used (a block device: all of it).
+	// SourceExtents, when non-nil, is where the source holds data (e.g.
+	// from qemu-img map). Bytes outside it are taken as zeros and are never
+	// read, even if the raw view holds something there. Without a Base,
+	// every cluster it touches is stored without an allocation pass. When
+	// nil, the source's own SEEK_DATA extents are scanned (a block device:
+	// all of it).
 	SourceExtents hints.Extents
 	BaseExtents   hints.Extents
 
@@ -81,11 +83,22 @@ func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
 	}
 	data := bitmap.New(clusters)
 	res := &Result{}
-	if opt.Changed != nil {
+	switch {
+	case opt.Changed != nil:
 		for g, ok := opt.Changed.NextSet(0); ok && g < clusters; g, ok = opt.Changed.NextSet(g + 1) {
 			data.Set(g)
 		}
-	} else {
+	case opt.SourceExtents != nil && opt.Base == nil:
+		// The hint names the allocated clusters of the image behind the
+		// source: store them without an allocation pass, so the export
+		// reads each allocated byte once and takes the time of one read
+		// of the data (the reference exporter trusts its map the same
+		// way). A cluster the map calls data that holds zeros is stored
+		// as zeros, which costs bytes, never correctness.
+		for _, x := range e.srcExt.AlignOut(e.cs, int64(clusters)*e.cs) {
+			data.SetRange(uint64(x.Start/e.cs), uint64((x.End+e.cs-1)/e.cs))
+		}
+	default:
 		if opt.Base != nil {
 			if e.baseExt, err = e.extentsOf(opt.Base, opt.BaseExtents); err != nil {
 				return nil, err
@@ -126,6 +139,7 @@ type exporter struct {
 	baseExt  hints.Extents
 	done     uint64
 	total    uint64
+	pool     [][]byte // read-ahead buffers, shared by both passes
 }
 
 // OutputError wraps a failure to write the output, so the command can say
@@ -212,60 +226,91 @@ func overlapping(ext hints.Extents, start, end int64) hints.Extents {
 
 var zeroWindow = make([]byte, window)
 
+// Read-ahead: windows in the ring and readers in flight. Four 4 MiB windows
+// keep the reads ahead of the consumer within the memory budget (64 MiB).
+// One reader already overlaps the consumer; a second one (two O_DIRECT
+// requests in flight) measured no faster on a loop device over tmpfs on
+// two cores, so it is not used (see docs/PERFORMANCE.md).
+const (
+	ringDepth = 4
+	readers   = 1
+)
+
+// windows yields the spans of ext, cut into windows of at most win bytes.
+func windows(ext hints.Extents, win int64) func() (span, bool) {
+	i, off := 0, int64(-1)
+	return func() (span, bool) {
+		for i < len(ext) {
+			if off < ext[i].Start {
+				off = ext[i].Start
+			}
+			if off < ext[i].End {
+				n := min(win, ext[i].End-off)
+				s := span{off, n}
+				off += n
+				return s, true
+			}
+			i++
+		}
+		return span{}, false
+	}
+}
+
 // scan is the allocation pass: it reads each candidate cluster once (and
-// the base's bytes at the same place) and sets the clusters to store.
+// the base's bytes at the same place) and sets the clusters to store. The
+// reads run ahead of the comparison (see readahead).
 func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
-	span := int64(e.clusters) * e.cs
-	cand := hints.Union(e.srcExt, e.baseExt, span).AlignOut(e.cs, span)
+	span64 := int64(e.clusters) * e.cs
+	cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
 	e.total = 2 * uint64(cand.Bytes())
-	srcBuf := rawdisk.AlignedBuffer(window)
-	var baseBuf []byte
+	width := 1
 	if e.opt.Base != nil {
-		baseBuf = rawdisk.AlignedBuffer(window)
+		width = 2
 	}
 	win := max(int64(window)/e.cs, 1) * e.cs
+	ra := readahead{depth: ringDepth, readers: readers, width: width, size: int(win), pool: &e.pool}
 	var scanned uint64
-	for _, x := range cand {
-		for off := x.Start; off < x.End; off += win {
-			if err := e.ctx.Err(); err != nil {
-				return scanned, err
+	zero := zeroWindow[:e.cs]
+	err := ra.run(e.ctx, windows(cand, win),
+		func(s span, bufs [][]byte) error {
+			if err := readMasked(e.opt.Source, e.srcExt, bufs[0], s.off); err != nil {
+				return err
 			}
-			n := min(win, x.End-off)
-			sb := srcBuf[:n]
-			if err := readMasked(e.opt.Source, e.srcExt, sb, off); err != nil {
-				return scanned, err
+			if width == 2 {
+				return readMasked(e.opt.Base, e.baseExt, bufs[1], s.off)
 			}
-			var bb []byte
-			if baseBuf != nil {
-				bb = baseBuf[:n]
-				if err := readMasked(e.opt.Base, e.baseExt, bb, off); err != nil {
-					return scanned, err
-				}
-			}
-			for c := int64(0); c < n; c += e.cs {
-				s := sb[c : c+e.cs]
+			return nil
+		},
+		func(s span, bufs [][]byte) error {
+			sb := bufs[0]
+			for c := int64(0); c < s.n; c += e.cs {
 				var differs bool
-				if bb != nil {
-					differs = !bytes.Equal(s, bb[c:c+e.cs])
+				if width == 2 {
+					differs = !bytes.Equal(sb[c:c+e.cs], bufs[1][c:c+e.cs])
 				} else {
-					differs = !bytes.Equal(s, zeroWindow[:e.cs])
+					differs = !bytes.Equal(sb[c:c+e.cs], zero)
 				}
 				if differs {
-					data.Set(uint64((off + c) / e.cs))
+					data.Set(uint64((s.off + c) / e.cs))
 				}
 			}
-			scanned += uint64(n)
-			e.progress(uint64(n))
-		}
-	}
-	return scanned, nil
+			scanned += uint64(s.n)
+			e.progress(uint64(s.n))
+			return e.ctx.Err()
+		})
+	return scanned, err
 }
 
 // copyData is the data pass: for each run of stored clusters, the bytes
-// inside the source's extents are copied (zero-copy when possible) and the
-// rest, including the padding of a partial last cluster, written as zeros.
+// inside the source's extents are copied and the rest, including the
+// padding of a partial last cluster, written as zeros. From the page cache
+// to a file, pipe or socket this is zero-copy (sendfile); otherwise (O_DIRECT,
+// or an output that is no file) reads run ahead of the writes.
 func (e *exporter) copyData(w *qcow.Writer, out io.Writer, data *bitmap.Bitmap) error {
 	c := newCopier(e.opt.Source, out)
+	if !c.sendfile {
+		return e.copyBuffered(w, out, data)
+	}
 	for g, ok := data.NextSet(0); ok; {
 		end := data.NextClear(g)
 		start, stop := int64(g)*e.cs, int64(end)*e.cs
@@ -286,6 +331,47 @@ func (e *exporter) copyData(w *qcow.Writer, out io.Writer, data *bitmap.Bitmap) 
 		g, ok = data.NextSet(end)
 	}
 	return nil
+}
+
+// stored yields the runs of set clusters of data, cut into windows.
+func (e *exporter) stored(data *bitmap.Bitmap, win int64) func() (span, bool) {
+	var off, stop int64
+	next := uint64(0)
+	return func() (span, bool) {
+		if off >= stop {
+			g, ok := data.NextSet(next)
+			if !ok {
+				return span{}, false
+			}
+			end := data.NextClear(g)
+			off, stop, next = int64(g)*e.cs, int64(end)*e.cs, end
+		}
+		n := min(win, stop-off)
+		s := span{off, n}
+		off += n
+		return s, true
+	}
+}
+
+// copyBuffered is the data pass through memory: readers fill aligned
+// windows ahead while the current one is written.
+func (e *exporter) copyBuffered(w *qcow.Writer, out io.Writer, data *bitmap.Bitmap) error {
+	win := max(int64(window)/e.cs, 1) * e.cs
+	ra := readahead{depth: ringDepth, readers: readers, width: 1, size: int(win), pool: &e.pool}
+	return ra.run(e.ctx, e.stored(data, win),
+		func(s span, bufs [][]byte) error {
+			return readMasked(e.opt.Source, e.srcExt, bufs[0], s.off)
+		},
+		func(s span, bufs [][]byte) error {
+			if _, err := out.Write(bufs[0]); err != nil {
+				return outputError(err)
+			}
+			if err := w.Account(uint64(s.n)); err != nil {
+				return err
+			}
+			e.progress(uint64(s.n))
+			return e.ctx.Err()
+		})
 }
 
 func (e *exporter) copyRange(c *copier, start, end int64) error {
@@ -320,9 +406,13 @@ type copier struct {
 
 func newCopier(src *rawdisk.Disk, out io.Writer) *copier {
 	c := &copier{src: src, out: out}
-	if f, ok := out.(*os.File); ok && !src.Direct() {
-		c.outFile, c.sendfile = f, true
+	if f, ok := out.(*os.File); ok {
+		// A large pipe helps writes too: each wakeup of the reader
+		// moves 1 MiB instead of 64 KiB.
 		growPipe(f)
+		if !src.Direct() {
+			c.outFile, c.sendfile = f, true
+		}
 	}
 	return c
 }
