@@ -10,10 +10,12 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,9 +42,12 @@ func startTool(t testing.TB, stdin, stdout *os.File, args ...string) *proc {
 
 // startCmd is startTool for another program (e.g. prlimit running the
 // binary).
-func startCmd(t testing.TB, stdin, stdout *os.File, args []string, path string) *proc {
+func startCmd(t testing.TB, stdin, stdout *os.File, args []string, path string, env ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(path, args...), done: make(chan struct{})}
+	if len(env) > 0 {
+		p.cmd.Env = append(os.Environ(), env...)
+	}
 	if stdin != nil {
 		p.cmd.Stdin = stdin
 	}
@@ -242,4 +247,68 @@ func openPty(t testing.TB) (master, slave *os.File) {
 	}
 	t.Cleanup(func() { s.Close() })
 	return m, s
+}
+
+// startWithJournal starts the binary like startTool, but in a private
+// mount namespace where /run/systemd/journal/socket is a datagram socket
+// of this test (as runWithJournal in journal_test.go does, in the
+// background). unshare and sh exec, so the process is the binary itself:
+// signals sent to it reach the tool. entries returns what the journal
+// received so far. It skips, visibly, where unshare -m is refused.
+func startWithJournal(t *testing.T, stdin, stdout *os.File, args ...string) (p *proc, entries func() []journalEntry) {
+	t.Helper()
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("SKIP: unshare not installed")
+	}
+	if out, err := exec.Command("unshare", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
+		t.Skipf("SKIP: unshare -m refused here: %v: %s", err, bytes.TrimSpace(out))
+	}
+	sock := filepath.Join(t.TempDir(), "journal.socket")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	var mu sync.Mutex
+	var got []journalEntry
+	go func() {
+		buf := make([]byte, 1<<20)
+		for {
+			n, _, err := conn.ReadFromUnix(buf)
+			if err != nil {
+				return
+			}
+			if e, err := parseJournal(buf[:n]); err == nil {
+				mu.Lock()
+				got = append(got, e)
+				mu.Unlock()
+			}
+		}
+	}()
+	script := `set -e
+mount -t tmpfs -o size=1m tmpfs /run
+mkdir -p /run/systemd/journal
+touch /run/systemd/journal/socket
+mount --bind "$JOURNAL_SOCK" /run/systemd/journal/socket
+exec "$@"`
+	p = startCmd(t, stdin, stdout, append([]string{"-m", "--propagation", "private", "sh", "-c", script, "sh", bin}, args...),
+		"unshare", "JOURNAL_SOCK="+sock)
+	return p, func() []journalEntry {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]journalEntry(nil), got...)
+	}
+}
+
+// journalFailure waits up to a second for the error entry of a failed run
+// (PRIORITY=3) and returns it, or nil.
+func journalFailure(entries func() []journalEntry) journalEntry {
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for _, e := range entries() {
+			if e["PRIORITY"] == "3" {
+				return e
+			}
+		}
+	}
+	return nil
 }
