@@ -162,7 +162,7 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	if done != hdr.Size {
 		return fail(fmt.Errorf("the decoder covered %d of %d bytes", done, hdr.Size))
 	}
-	if err := sink.Flush(); err != nil {
+	if err := sink.Finish(); err != nil {
 		return fail(err)
 	}
 	if err := disk.Sync(); err != nil {

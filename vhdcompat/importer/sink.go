@@ -23,6 +23,21 @@ type Target interface {
 
 var _ Target = (*rawdisk.Disk)(nil)
 
+// Writebacker is a Target whose written ranges can be written back to the
+// device by range. Through the page cache a device error otherwise
+// surfaces only at the final fsync, without the offset it happened at.
+type Writebacker interface {
+	StartWriteback(off, n int64) error
+	WaitWriteback(off, n int64) error
+}
+
+var _ Writebacker = (*rawdisk.Disk)(nil)
+
+// checkpointBytes is how much is written between write-back checkpoints:
+// small enough to place an I/O error within a few tens of MiB and to bound
+// dirty memory, large enough that waiting is rare.
+const checkpointBytes = 32 << 20
+
 const (
 	// DefaultMaxWrite is the largest write the sink coalesces extents into.
 	DefaultMaxWrite = 4 << 20
@@ -77,6 +92,25 @@ type Sink struct {
 	end      int64
 
 	Stats Stats
+
+	// Write-back checkpoints (buffered targets only): cur is the range
+	// written since the last checkpoint, prev the range whose write-back
+	// was started at the last checkpoint and is waited for at the next, so
+	// the device works on one range while the next is being written.
+	wb        Writebacker
+	cur, prev span
+	curBytes  int64
+}
+
+// span is a range [lo, hi) of the destination; empty when hi <= lo.
+type span struct{ lo, hi int64 }
+
+func (r *span) add(off, n int64) {
+	if r.hi <= r.lo {
+		r.lo, r.hi = off, off+n
+		return
+	}
+	r.lo, r.hi = min(r.lo, off), max(r.hi, off+n)
 }
 
 // NewSink returns a sink writing to t.
@@ -88,7 +122,42 @@ func NewSink(t Target, opt SinkOptions) *Sink {
 	if opt.KnownZeroFrom < 0 {
 		opt.KnownZeroFrom = 0
 	}
-	return &Sink{t: t, opt: opt, buf: rawdisk.AlignedBuffer(opt.MaxWrite + block), pend: -1, end: -1}
+	s := &Sink{t: t, opt: opt, buf: rawdisk.AlignedBuffer(opt.MaxWrite + block), pend: -1, end: -1}
+	if wb, ok := t.(Writebacker); ok && !t.Direct() {
+		s.wb = wb
+	}
+	return s
+}
+
+// checkpoint waits for the write-back started at the previous checkpoint
+// and starts the write-back of what was written since.
+func (s *Sink) checkpoint() error {
+	if s.wb == nil {
+		return nil
+	}
+	if s.prev.hi > s.prev.lo {
+		if err := s.wb.WaitWriteback(s.prev.lo, s.prev.hi-s.prev.lo); err != nil {
+			return err
+		}
+	}
+	s.prev, s.cur, s.curBytes = s.cur, span{}, 0
+	if s.prev.hi > s.prev.lo {
+		return s.wb.StartWriteback(s.prev.lo, s.prev.hi-s.prev.lo)
+	}
+	return nil
+}
+
+// Finish flushes the pending write and waits for every range written so
+// far to reach the device, so that an I/O error names its range. The
+// caller still fsyncs (device caches, metadata).
+func (s *Sink) Finish() error {
+	if err := s.Flush(); err != nil {
+		return err
+	}
+	if err := s.checkpoint(); err != nil {
+		return err
+	}
+	return s.checkpoint()
 }
 
 // BoundsError is an extent outside [0, Size).
@@ -248,5 +317,9 @@ func (s *Sink) write(p []byte, off int64) error {
 	}
 	s.Stats.Written += int64(len(p))
 	s.Stats.Writes++
+	s.cur.add(off, int64(len(p)))
+	if s.curBytes += int64(len(p)); s.curBytes >= checkpointBytes {
+		return s.checkpoint()
+	}
 	return nil
 }

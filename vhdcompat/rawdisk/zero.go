@@ -169,3 +169,32 @@ func (d *Disk) Truncate(size int64) error {
 	d.size = size
 	return nil
 }
+
+// StartWriteback starts writing back dirty pages of [off, off+n) without
+// waiting (sync_file_range SYNC_FILE_RANGE_WRITE).
+func (d *Disk) StartWriteback(off, n int64) error {
+	return d.syncRange(off, n, unix.SYNC_FILE_RANGE_WRITE)
+}
+
+// WaitWriteback writes back [off, off+n) and waits for it, so that a
+// device error is reported for that range rather than at the final fsync,
+// where its place on the disk is no longer known.
+func (d *Disk) WaitWriteback(off, n int64) error {
+	return d.syncRange(off, n, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+}
+
+func (d *Disk) syncRange(off, n int64, flags int) error {
+	if n <= 0 {
+		return nil
+	}
+	for {
+		err := unix.SyncFileRange(int(d.f.Fd()), off, n, flags)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == nil || err == unix.ESPIPE || err == unix.EINVAL || err == unix.ENOSYS {
+			return nil // not a file we can range-sync: the final fsync still checks
+		}
+		return &DiskError{Path: d.path, Op: fmt.Sprintf("write-back of offsets %d to %d", off, off+n), Err: err}
+	}
+}
