@@ -595,3 +595,12 @@ func TestDropinSignalsAndEPIPE(t *testing.T) {
 		}
 	})
 }
+
+// TestStreamDecodeEmptyPath: an empty destination is a usage error.
+func TestStreamDecodeEmptyPath(t *testing.T) {
+	r := runTool(t, []byte{}, "stream_decode", "")
+	checkOneLineError(t, r, "PATH is empty")
+	if r.Code != 2 {
+		t.Fatalf("exit %d, want 2", r.Code)
+	}
+}
