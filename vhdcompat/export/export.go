@@ -263,6 +263,9 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 	span64 := int64(e.clusters) * e.cs
 	cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
 	e.total = 2 * uint64(cand.Bytes())
+	if e.canProbeScan() {
+		return e.scanProbed(data, cand)
+	}
 	width := 1
 	if e.opt.Base != nil {
 		width = 2
