@@ -2,27 +2,28 @@ package qcow
 
 import (
 	"bytes"
+	"flag"
 	"os"
 	"path/filepath"
 	"testing"
 )
 
 // fuzzSeeds are small real images: qemu's (testdata/seeds) and our own.
-func fuzzSeeds(f *testing.F) [][]byte {
+func fuzzSeeds(tb testing.TB) [][]byte {
 	var seeds [][]byte
 	files, _ := filepath.Glob(filepath.Join("testdata", "seeds", "*.qcow2"))
 	for _, name := range files {
 		b, err := os.ReadFile(name)
 		if err != nil {
-			f.Fatal(err)
+			tb.Fatal(err)
 		}
 		seeds = append(seeds, b)
 	}
 	if len(seeds) == 0 {
-		f.Fatal("no seed images in testdata/seeds")
+		tb.Fatal("no seed images in testdata/seeds")
 	}
 	for _, cb := range []uint32{9, 10} {
-		img, _, _ := encodeRandom(f, int64(cb), 8<<10+512, cb, 4)
+		img, _, _ := encodeRandom(tb, int64(cb), 8<<10+512, cb, 4)
 		seeds = append(seeds, img)
 	}
 	return seeds
@@ -79,7 +80,33 @@ func fuzzDecode(t *testing.T, r *Reader, err error) {
 	}
 }
 
+// readerMinimizeLimit bounds the fuzzer's minimisation of each new
+// FuzzReader input, unless -fuzzminimizetime is given. Minimising a qcow2
+// image is wasted work: removing any byte shifts every offset after it, so
+// no candidate keeps the new coverage (hit counts of the loops over
+// clusters and table entries included), and the minimiser's O(n²) subset
+// pass runs for the whole default 60 s on a seed-sized input (a few KiB to
+// 94 KiB). Its executions are only reported when it returns, so a short
+// run showed ~20 execs in 10 s with both workers busy; a time limit does
+// not help, as the coordinator kills and restarts a worker whose
+// minimisation overruns it. A count lets crashers still have their tail
+// cut.
+const readerMinimizeLimit = "500x"
+
+func boundMinimization(f *testing.F, limit string) {
+	const name = "test.fuzzminimizetime"
+	set := false
+	flag.Visit(func(fl *flag.Flag) { set = set || fl.Name == name })
+	if set || flag.Lookup(name) == nil {
+		return
+	}
+	if err := flag.Set(name, limit); err != nil {
+		f.Fatalf("setting -%s: %v", name, err)
+	}
+}
+
 func FuzzReader(f *testing.F) {
+	boundMinimization(f, readerMinimizeLimit)
 	for _, s := range fuzzSeeds(f) {
 		f.Add(s)
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -155,8 +156,8 @@ func (d *decoder) wrapf(err error, off uint64, format string, args ...any) error
 	return &FormatError{Stream: d.stream, Offset: int64(off), Reason: fmt.Sprintf(format, args...), Err: err}
 }
 
-// readHeader reads cluster 0 with read (which fills buf from offset 0 or
-// fails) and validates it.
+// newDecoder reads cluster 0 with read (which fills buf from offset 0, or
+// from where the previous call stopped, or fails) and validates it.
 func newDecoder(stream bool, opts ReaderOptions, read func(buf []byte) error) (*decoder, error) {
 	d := &decoder{stream: stream}
 	first := make([]byte, HeaderSizeV2)
@@ -172,10 +173,15 @@ func newDecoder(stream bool, opts ReaderOptions, read func(buf []byte) error) (*
 		err := herr("cluster_bits", "%d is outside %d..%d", cb, MinClusterBits, MaxClusterBits)
 		return nil, d.wrapf(err, 20, "%v", err)
 	}
-	buf := make([]byte, 1<<cb)
-	copy(buf, first)
-	if err := read(buf); err != nil {
-		return nil, d.truncated(err, HeaderSizeV2, "the header cluster")
+	// Grow towards the declared cluster size only as the bytes arrive: a
+	// short image claiming 2 MiB clusters must not cost 2 MiB.
+	buf := first
+	for cs := 1 << cb; len(buf) < cs; {
+		n := min(cs, max(2*len(buf), 4096))
+		buf = slices.Grow(buf, n-len(buf))[:n]
+		if err := read(buf); err != nil {
+			return nil, d.truncated(err, HeaderSizeV2, "the header cluster")
+		}
 	}
 	h, err := ParseHeader(buf)
 	if err != nil {
@@ -226,26 +232,28 @@ func (d *decoder) region(off uint64) string {
 }
 
 // checkCluster validates a cluster-aligned host offset referenced by what
-// (an L2 table or a data cluster) at table offset at, and claims it.
-func (d *decoder) checkCluster(at, host uint64, what string, isL2 bool) error {
+// (an L2 table or a data cluster) at table offset at, and claims it. what
+// is only called for an error: formatting it for every entry would cost
+// more than the checks.
+func (d *decoder) checkCluster(at, host uint64, what func() string, isL2 bool) error {
 	if host%d.cs != 0 {
-		return d.errf(at, "%s points at host offset %#x, not aligned to the %d-byte cluster size", what, host, d.cs)
+		return d.errf(at, "%s points at host offset %#x, not aligned to the %d-byte cluster size", what(), host, d.cs)
 	}
 	if host >= MaxHostOffset {
-		return d.errf(at, "%s points at host offset %#x, past 2^56", what, host)
+		return d.errf(at, "%s points at host offset %#x, past 2^56", what(), host)
 	}
 	if r := d.region(host); r != "" {
-		return d.errf(at, "%s points into the metadata (%s) at %#x", what, r, host)
+		return d.errf(at, "%s points into the metadata (%s) at %#x", what(), r, host)
 	}
 	if d.fileSize != 0 && host >= d.fileSize {
-		return d.wrapf(io.ErrUnexpectedEOF, at, "%s points at host offset %#x, past the end of the %d-byte image", what, host, d.fileSize)
+		return d.wrapf(io.ErrUnexpectedEOF, at, "%s points at host offset %#x, past the end of the %d-byte image", what(), host, d.fileSize)
 	}
 	c := host >> d.cb
 	if d.meta.test(c) {
-		return d.errf(at, "%s points into the metadata (an L2 table or refcount block) at %#x", what, host)
+		return d.errf(at, "%s points into the metadata (an L2 table or refcount block) at %#x", what(), host)
 	}
 	if d.claimed.test(c) {
-		return d.errf(at, "%s points at host cluster %#x, which is already referenced", what, host)
+		return d.errf(at, "%s points at host cluster %#x, which is already referenced", what(), host)
 	}
 	if !d.claimed.set(c) || isL2 && !d.meta.set(c) {
 		return d.wrapf(ErrNeedRandomAccess, at, "too many distinct host clusters referenced")
@@ -275,20 +283,20 @@ func (d *decoder) markRefcountBlock(at, host uint64) error {
 }
 
 // checkCompressed validates the host byte range of a compressed cluster.
-func (d *decoder) checkCompressed(at, off, length uint64, what string) error {
+func (d *decoder) checkCompressed(at, off, length uint64, what func() string) error {
 	if off >= MaxHostOffset || length > MaxHostOffset-off {
-		return d.errf(at, "%s points at host offset %#x, past 2^56", what, off)
+		return d.errf(at, "%s points at host offset %#x, past 2^56", what(), off)
 	}
 	for c := off >> d.cb; c <= (off+length-1)>>d.cb; c++ {
 		if r := d.region(c << d.cb); r != "" {
-			return d.errf(at, "%s points into the metadata (%s) at %#x", what, r, off)
+			return d.errf(at, "%s points into the metadata (%s) at %#x", what(), r, off)
 		}
 		if d.meta.test(c) {
-			return d.errf(at, "%s points into the metadata (an L2 table or refcount block) at %#x", what, off)
+			return d.errf(at, "%s points into the metadata (an L2 table or refcount block) at %#x", what(), off)
 		}
 	}
 	if d.fileSize != 0 && off >= d.fileSize {
-		return d.wrapf(io.ErrUnexpectedEOF, at, "%s points at host offset %#x, past the end of the %d-byte image", what, off, d.fileSize)
+		return d.wrapf(io.ErrUnexpectedEOF, at, "%s points at host offset %#x, past the end of the %d-byte image", what(), off, d.fileSize)
 	}
 	return nil
 }
@@ -304,7 +312,7 @@ func (d *decoder) l1Entry(at, idx uint64, raw uint64) (uint64, error) {
 	if off == 0 {
 		return 0, nil
 	}
-	what := fmt.Sprintf("L1 entry %d (guest %#x)", idx, idx*d.h.L2Entries()*d.cs)
+	what := func() string { return fmt.Sprintf("L1 entry %d (guest %#x)", idx, idx*d.h.L2Entries()*d.cs) }
 	return off, d.checkCluster(at, off, what, true)
 }
 
@@ -330,7 +338,7 @@ func (d *decoder) l2Entry(at, g, raw, bm uint64) (entry, error) {
 		}
 		en.compressed = true
 		en.coff, en.clen = e.CompressedExtent(d.cb)
-		return en, d.checkCompressed(at, en.coff, en.clen, what())
+		return en, d.checkCompressed(at, en.coff, en.clen, what)
 	}
 	if e.Reserved() != 0 || e.Zero() && (d.h.Version < 3 || d.nsub > 1) {
 		return en, d.errf(at, "%s (%#016x) has reserved bits set", what(), raw)
@@ -350,7 +358,7 @@ func (d *decoder) l2Entry(at, g, raw, bm uint64) (entry, error) {
 		en.alloc = 1
 	}
 	if en.host != 0 {
-		if err := d.checkCluster(at, en.host, what(), false); err != nil {
+		if err := d.checkCluster(at, en.host, what, false); err != nil {
 			return en, err
 		}
 	}
@@ -626,8 +634,11 @@ func (h *runHeap) Pop() any {
 type compWant struct {
 	g, off, length uint64
 	at             uint64 // L2 entry offset, for errors
-	buf            []byte
-	have           uint64 // bytes collected from off
+	// buf holds the bytes collected from off (have of them); it grows as
+	// they arrive, as the length is only an upper bound declared by the
+	// image. The full length is charged to MaxBuffered all the same.
+	buf  []byte
+	have uint64
 }
 
 type compHeap []*compWant
@@ -683,7 +694,7 @@ type streamState struct {
 	q   queue
 	acc accumulator
 
-	rbuf  []byte // data read buffer
+	rbuf  []byte // data read buffer (grown by readData)
 	l2buf []byte // L2 table read buffer
 	l1buf []byte // L1 cluster read buffer
 }
@@ -982,14 +993,13 @@ func (s *streamState) wantCompressed(at uint64, e *entry) error {
 	if err := s.charge(int64(w.length) + compOverhead); err != nil {
 		return err
 	}
-	w.buf = make([]byte, w.length)
 	for c := w.off &^ (d.cs - 1); c < s.pos && c < w.off+w.length; c += d.cs {
 		b, ok := s.buffer[c]
 		lo, hi := max(c, w.off), min(c+uint64(len(b)), w.off+w.length)
 		if !ok || lo != w.off+w.have || lo >= hi {
 			return d.errf(at, "can't read non-sequential clusters: the compressed data for guest %#x at %#x was already passed", e.g<<d.cb, w.off)
 		}
-		copy(w.buf[lo-w.off:], b[lo-c:hi-c])
+		w.buf = append(w.buf, b[lo-c:hi-c]...)
 		w.have = hi - w.off
 	}
 	if w.off+w.length <= s.pos || s.eof {
@@ -1002,7 +1012,7 @@ func (s *streamState) wantCompressed(at uint64, e *entry) error {
 
 func (s *streamState) finishComp(w *compWant) {
 	s.acc.flush(&s.q)
-	s.q.push(item{comp: true, g: w.g, src: w.buf[:w.have], coff: w.off, clen: w.length, charged: int64(len(w.buf)) + compOverhead})
+	s.q.push(item{comp: true, g: w.g, src: w.buf, coff: w.off, clen: w.length, charged: int64(w.length) + compOverhead})
 }
 
 func (s *streamState) charge(n int64) error {
@@ -1022,7 +1032,6 @@ func (s *streamState) feed(p uint64, b []byte) (bool, error) {
 		if err := s.charge(int64(w.length) + compOverhead); err != nil {
 			return false, err
 		}
-		w.buf = make([]byte, w.length)
 		s.active = append(s.active, w)
 	}
 	if len(s.active) == 0 {
@@ -1034,9 +1043,9 @@ func (s *streamState) feed(p uint64, b []byte) (bool, error) {
 		if w.off+w.have < p {
 			return false, s.d.errf(p, "internal error: compressed data for guest %#x at %#x missed", w.g<<s.d.cb, w.off)
 		}
-		lo, hi := max(p, w.off+w.have), min(end, w.off+w.length)
+		lo, hi := max(p, w.off+w.have), min(end, w.off+w.length) // lo is w.off+w.have
 		if lo < hi {
-			copy(w.buf[lo-w.off:], b[lo-p:hi-p])
+			w.buf = append(w.buf, b[lo-p:hi-p]...)
 			w.have = hi - w.off
 		}
 		if w.off <= covered && w.off+w.length > covered {
@@ -1068,6 +1077,27 @@ func (s *streamState) read(buf []byte) ([]byte, error) {
 	return buf[:n], nil
 }
 
+// readData reads up to n bytes at the current position into s.rbuf, like
+// read. The buffer grows only as the bytes arrive, so a run of clusters
+// declared longer than the stream costs no more memory than the stream
+// holds.
+func (s *streamState) readData(n uint64) ([]byte, error) {
+	have := uint64(0)
+	for have < n && !s.eof {
+		if have == uint64(len(s.rbuf)) {
+			grown := make([]byte, min(n, max(2*have, s.d.cs)))
+			copy(grown, s.rbuf[:have])
+			s.rbuf = grown
+		}
+		b, err := s.read(s.rbuf[have:min(n, uint64(len(s.rbuf)))])
+		if err != nil {
+			return nil, err
+		}
+		have += uint64(len(b))
+	}
+	return s.rbuf[:have], nil
+}
+
 // endEOF finishes the compressed clusters still collecting bytes when the
 // stream ends: their upper bound may run past the end of the image.
 func (s *streamState) endEOF() {
@@ -1085,13 +1115,10 @@ func (s *streamState) advance() error {
 	d := s.d
 	p := s.pos
 	cs := d.cs
-	if s.rbuf == nil {
-		s.rbuf = make([]byte, max(cs, batchBytes))
-	}
 	defer s.endEOF()
 	// The refcount table: learn where the refcount blocks are.
 	if !s.allL2Known && p >= d.h.RefcountTableOffset && p < d.rtEnd {
-		b, err := s.read(s.rbuf[:cs])
+		b, err := s.readData(cs)
 		if err != nil {
 			return err
 		}
@@ -1153,11 +1180,11 @@ func (s *streamState) advance() error {
 	}
 	// Data clusters.
 	if r, ok := s.peekRun(); ok && r.host == p {
-		k := min(r.n, uint64(len(s.rbuf))>>d.cb)
+		k := min(r.n, max(uint64(batchBytes)>>d.cb, 1))
 		if r.mask != d.full {
 			k = 1
 		}
-		b, err := s.read(s.rbuf[:k<<d.cb])
+		b, err := s.readData(k << d.cb)
 		if err != nil {
 			return err
 		}
@@ -1203,7 +1230,7 @@ func (s *streamState) advance() error {
 	if len(s.l2Pending) > 0 && s.l2Pending[0].host < p {
 		return d.errf(p, "internal error: L2 table at %#x passed", s.l2Pending[0].host)
 	}
-	b, err := s.read(s.rbuf[:cs])
+	b, err := s.readData(cs)
 	if err != nil {
 		return err
 	}

@@ -53,7 +53,6 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 	h := d.h
 	cs := d.cs
 	a := &atState{d: d, r: r, l1Clu: 1<<64 - 1}
-	a.l1Tab = make([]byte, cs)
 	// Learn the metadata first, so data pointing into it is refused
 	// whatever the order of the image.
 	for c := uint64(0); c < uint64(h.RefcountTableClusters); c++ {
@@ -61,12 +60,12 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 		if at >= d.fileSize {
 			return nil, d.truncated(io.ErrUnexpectedEOF, at, "the end of the refcount table")
 		}
-		n := min(cs, d.fileSize-at)
-		if err := readAt(a.l1Tab[:n], at); err != nil {
-			return nil, d.truncated(err, at, "the end of the refcount table")
+		tab, err := a.readInto(&a.l1Tab, min(cs, d.fileSize-at), at, "the end of the refcount table")
+		if err != nil {
+			return nil, err
 		}
-		for i := uint64(0); i+8 <= n; i += 8 {
-			if err := d.markRefcountBlock(at+i, binary.BigEndian.Uint64(a.l1Tab[i:])); err != nil {
+		for i := uint64(0); i+8 <= uint64(len(tab)); i += 8 {
+			if err := d.markRefcountBlock(at+i, binary.BigEndian.Uint64(tab[i:])); err != nil {
 				return nil, err
 			}
 		}
@@ -75,8 +74,8 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 	for i := uint64(0); i < d.l1Need; i++ {
 		if i%perCluster == 0 {
 			at := h.L1TableOffset + i*8
-			if err := readAt(a.l1Tab[:min(cs, (d.l1Need-i)*8)], at); err != nil {
-				return nil, d.truncated(err, at, "the end of the L1 table")
+			if _, err := a.readInto(&a.l1Tab, min(cs, (d.l1Need-i)*8), at, "the end of the L1 table"); err != nil {
+				return nil, err
 			}
 		}
 		raw := binary.BigEndian.Uint64(a.l1Tab[(i%perCluster)*8:])
@@ -89,6 +88,21 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 		}
 	}
 	return &Reader{d: d, a: a}, nil
+}
+
+// readInto reads n bytes at off into *buf, growing it (at least doubling)
+// when it is too small. An image too short for them fails before anything
+// is allocated, so memory follows the image's length, not the lengths its
+// tables declare.
+func (a *atState) readInto(buf *[]byte, n, off uint64, what string) ([]byte, error) {
+	if off > a.d.fileSize || n > a.d.fileSize-off {
+		return nil, a.d.truncated(io.ErrUnexpectedEOF, off, what)
+	}
+	if uint64(len(*buf)) < n {
+		*buf = make([]byte, max(n, min(2*uint64(len(*buf)), max(a.d.cs, batchBytes))))
+	}
+	b := (*buf)[:n]
+	return b, a.readAt(b, off, what)
 }
 
 func (a *atState) readAt(buf []byte, off uint64, what string) error {
@@ -123,23 +137,18 @@ func (a *atState) step() (Extent, error) {
 			switch {
 			case it.read:
 				e := it.ext
-				if a.rbuf == nil {
-					a.rbuf = make([]byte, max(cs, batchBytes))
-				}
-				if err := a.readAt(a.rbuf[:e.Length], e.HostOffset, fmt.Sprintf("the data for guest %#x at %#x", e.Offset, e.HostOffset)); err != nil {
+				b, err := a.readInto(&a.rbuf, e.Length, e.HostOffset, fmt.Sprintf("the data for guest %#x at %#x", e.Offset, e.HostOffset))
+				if err != nil {
 					return Extent{}, err
 				}
-				e.Data = a.rbuf[:e.Length]
+				e.Data = b
 				return e, nil
 			case it.comp:
-				n := min(it.clen, d.fileSize-it.coff)
-				if uint64(len(a.cmpBuf)) < n {
-					a.cmpBuf = make([]byte, 2*cs+512)
-				}
-				if err := a.readAt(a.cmpBuf[:n], it.coff, fmt.Sprintf("the compressed data for guest %#x", it.g<<d.cb)); err != nil {
+				src, err := a.readInto(&a.cmpBuf, min(it.clen, d.fileSize-it.coff), it.coff, fmt.Sprintf("the compressed data for guest %#x", it.g<<d.cb))
+				if err != nil {
 					return Extent{}, err
 				}
-				out, err := d.decompress(it.coff, it.g, a.cmpBuf[:n])
+				out, err := d.decompress(it.coff, it.g, src)
 				if err != nil {
 					return Extent{}, err
 				}
@@ -177,7 +186,7 @@ func (a *atState) stepL1() error {
 	perCluster := cs / 8
 	if c := i / perCluster; c != a.l1Clu {
 		n := min(cs, (d.l1Need-c*perCluster)*8)
-		if err := a.readAt(a.l1Tab[:n], d.h.L1TableOffset+c*cs, "the L1 table"); err != nil {
+		if _, err := a.readInto(&a.l1Tab, n, d.h.L1TableOffset+c*cs, "the L1 table"); err != nil {
 			return err
 		}
 		a.l1Clu = c
@@ -188,14 +197,12 @@ func (a *atState) stepL1() error {
 		a.other(ExtentUnallocated, i*span, min(span, d.h.Size-i*span))
 		return nil
 	}
-	if a.l2buf == nil {
-		a.l2buf = make([]byte, cs)
-	}
-	if err := a.readAt(a.l2buf, off, fmt.Sprintf("the L2 table for guest %#x", i*span)); err != nil {
+	tab, err := a.readInto(&a.l2buf, cs, off, fmt.Sprintf("the L2 table for guest %#x", i*span))
+	if err != nil {
 		return err
 	}
 	g0 := i * d.h.L2Entries()
-	a.l2 = &l2cursor{tab: a.l2buf, at: off, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
+	a.l2 = &l2cursor{tab: tab, at: off, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
 	return nil
 }
 

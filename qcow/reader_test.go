@@ -9,10 +9,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
 )
@@ -716,4 +718,81 @@ func TestReaderPendingLimit(t *testing.T) {
 		t.Fatalf("want a pending-limit error, got %v", err)
 	}
 	t.Log(err)
+}
+
+// ---- cost of hostile input ----
+
+// decodeCost decodes img with both decoders as far as they go, as
+// FuzzReader does, and returns the bytes allocated per decode (averaged)
+// and the slowest decode.
+func decodeCost(t *testing.T, img []byte) (perRun uint64, slowest time.Duration) {
+	t.Helper()
+	opts := ReaderOptions{MaxBuffered: 1 << 20, AllowBacking: true}
+	decode := func() {
+		if r, err := NewReader(streamOnly{bytes.NewReader(img)}, opts); err == nil {
+			collect(r, nil, 1<<20)
+		}
+		if r, err := NewReaderAt(bytes.NewReader(img), int64(len(img)), opts); err == nil {
+			collect(r, nil, 1<<20)
+		}
+	}
+	decode() // warm up: nothing global is lazily built inside the count
+	const runs = 10
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range runs {
+		start := time.Now()
+		decode()
+		slowest = max(slowest, time.Since(start))
+	}
+	runtime.ReadMemStats(&after)
+	return (after.TotalAlloc - before.TotalAlloc) / runs, slowest
+}
+
+// TestReaderCostFollowsInput: what a decode allocates follows the bytes of
+// the image, not the sizes it declares (cluster size, runs of clusters,
+// compressed lengths). The decoders used to allocate 1 MiB read buffers
+// (and a whole declared cluster for the header) whatever the input: 2 MiB
+// per decode of a 6 KiB image, which made FuzzReader crawl and let a
+// 4 KiB image claiming 2 MiB clusters cost 4 MiB.
+func TestReaderCostFollowsInput(t *testing.T) {
+	base, _, l := hostileBase(t)
+	cases := map[string][]byte{}
+	for i, s := range fuzzSeeds(t) {
+		cases[fmt.Sprintf("seed%d", i)] = s
+	}
+	cases["base"] = base
+
+	// A 4 KiB image declaring 2 MiB clusters.
+	huge := bytes.Clone(base[:4096])
+	be32(huge, 20, MaxClusterBits)
+	cases["cluster_bits21_4KiB"] = huge
+
+	// The stream ends inside the first data cluster of a run of them.
+	cases["truncated_in_data"] = bytes.Clone(base[:l.DataOffset+100])
+
+	// Every entry of the first L2 table is a compressed cluster of the
+	// largest length at the start of the data, where the image ends.
+	comp := bytes.Clone(base[:l.DataOffset+64])
+	x := 62 - (l.ClusterBits - 8)
+	for g := uint64(0); g < 512; g++ {
+		be64(comp, l.L2Offset+g*8, 1<<62|(1<<(62-x)-1)<<x|(l.DataOffset+8))
+	}
+	cases["compressed_at_end"] = comp
+
+	for name, img := range cases {
+		t.Run(name, func(t *testing.T) {
+			perRun, slowest := decodeCost(t, img)
+			// A deflate or zstd decoder's state, plus a few hundred bytes
+			// per table entry referencing a cluster.
+			limit := 192<<10 + 4*uint64(len(img))
+			t.Logf("%d-byte image: %d bytes allocated per decode (limit %d), slowest %v", len(img), perRun, limit, slowest)
+			if perRun > limit {
+				t.Errorf("a decode of a %d-byte image allocates %d bytes, more than %d", len(img), perRun, limit)
+			}
+			if slowest > 100*time.Millisecond {
+				t.Errorf("a decode of a %d-byte image took %v", len(img), slowest)
+			}
+		})
+	}
 }
