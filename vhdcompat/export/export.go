@@ -271,7 +271,14 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 		width = 2
 	}
 	win := max(int64(window)/e.cs, 1) * e.cs
-	ra := readahead{depth: ringDepth, readers: readers, width: width, size: int(win), pool: &e.pool}
+	nreaders := readers
+	if width == 2 && !e.opt.Source.Direct() {
+		// A diff copies two windows per step out of the page cache: a
+		// second reader puts that copy on the other core (measured: a
+		// 4 GiB diff of 25 %-full images 0.62 s -> 0.47 s).
+		nreaders = 2
+	}
+	ra := readahead{depth: ringDepth, readers: nreaders, width: width, size: int(win), pool: &e.pool}
 	var scanned uint64
 	zero := zeroWindow[:e.cs]
 	err := ra.run(e.ctx, windows(cand, win),
