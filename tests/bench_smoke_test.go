@@ -56,6 +56,11 @@ func TestBenchSmoke(t *testing.T) {
 	if rows < 8 {
 		t.Errorf("table has %d rows, want every case (at least 8):\n%s", rows, text)
 	}
+	// Loop devices over deleted images keep their memory and use up the
+	// machine's loop devices: none may survive the run.
+	if out, err := exec.Command("losetup", "-a").Output(); err == nil && strings.Contains(string(out), dir) {
+		t.Errorf("bench.sh left loop devices attached:\n%s", out)
+	}
 	if left, _ := os.ReadDir(dir); len(left) > 0 {
 		t.Errorf("bench.sh left %d entries behind in its directory (images must be removed)", len(left))
 	}

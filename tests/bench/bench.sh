@@ -214,12 +214,16 @@ fi
 loopdev() {
 	local dev
 	dev=$(losetup --show -f --direct-io=on "$1" 2>"$DIR/stderr") || return 1
-	LOOPS+=("$dev")
 	echo "$dev"
 }
 Q1=$DIR/q25-1g.img
 quarter "$Q1" "$MIB1G"
-if [[ -z $loop_ok ]] && DEV1=$(loopdev "$RAND") && DEVQ=$(loopdev "$Q1"); then
+# loopdev runs in a command substitution (a subshell): the devices are
+# recorded for cleanup here, in the shell that runs the EXIT trap.
+DEV1="" DEVQ=""
+if [[ -z $loop_ok ]] && DEV1=$(loopdev "$RAND"); then LOOPS+=("$DEV1"); fi
+if [[ -n $DEV1 ]] && DEVQ=$(loopdev "$Q1"); then LOOPS+=("$DEVQ"); fi
+if [[ -n $DEV1 && -n $DEVQ ]]; then
 	say "block device"
 	bench "loop --direct ${MIB1G} MiB full" 2.1 \
 		"$OURS stream --direct --source $DEV1 | cat >/dev/null" \
