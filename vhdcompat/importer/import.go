@@ -212,7 +212,10 @@ func openReader(ctx context.Context, opt Options) (*qcow.Reader, error) {
 			return qcow.NewReaderAt(io.NewSectionReader(f, pos, size), size, ropts)
 		}
 	}
-	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, f}, streamBuffer), ropts)
+	growInputPipe(f)
+	ra := newReadAhead(f)
+	context.AfterFunc(ctx, ra.Close)
+	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, ra}, streamBuffer), ropts)
 }
 
 // ctxReader stops reading once the context is cancelled (SIGTERM).
@@ -225,7 +228,11 @@ func (c ctxReader) Read(p []byte) (int, error) {
 	if err := c.ctx.Err(); err != nil {
 		return 0, fmt.Errorf("interrupted: %w", context.Cause(c.ctx))
 	}
-	return c.r.Read(p)
+	n, err := c.r.Read(p)
+	if err != nil && c.ctx.Err() != nil {
+		return n, fmt.Errorf("interrupted: %w", context.Cause(c.ctx))
+	}
+	return n, err
 }
 
 func openDestination(opt Options) (*rawdisk.Disk, error) {

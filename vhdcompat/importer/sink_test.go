@@ -3,6 +3,7 @@ package importer
 import (
 	"bytes"
 	"errors"
+	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -298,4 +299,49 @@ func TestSinkDirectOddSizes(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("content differs")
 	}
+}
+
+func TestReadAheadDeliversInOrder(t *testing.T) {
+	src := make([]byte, 5*raChunkSize+12345)
+	for i := range src {
+		src[i] = byte(i * 7)
+	}
+	// A reader that returns odd-sized pieces, like a socket.
+	ra := newReadAhead(&pieces{b: src})
+	defer ra.Close()
+	got, err := io.ReadAll(ra)
+	if err != nil || !bytes.Equal(got, src) {
+		t.Fatalf("read %d bytes, err %v; equal %v", len(got), err, bytes.Equal(got, src))
+	}
+}
+
+func TestReadAheadStops(t *testing.T) {
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	ra := newReadAhead(pr)
+	done := make(chan error, 1)
+	go func() {
+		_, err := ra.Read(make([]byte, 10))
+		done <- err
+	}()
+	ra.Close()
+	if err := <-done; err == nil {
+		t.Fatal("Read after Close returned no error")
+	}
+}
+
+type pieces struct {
+	b []byte
+	n int
+}
+
+func (p *pieces) Read(b []byte) (int, error) {
+	if len(p.b) == 0 {
+		return 0, io.EOF
+	}
+	p.n++
+	k := min(len(b), len(p.b), 1+p.n*977%70000)
+	copy(b, p.b[:k])
+	p.b = p.b[k:]
+	return k, nil
 }
