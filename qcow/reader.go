@@ -663,6 +663,26 @@ type l2cursor struct {
 	i, n uint64 // next entry, entries to walk
 }
 
+// next decodes the cursor's next entry and the host offset it was read
+// at; done reports that the table has been walked. Both decoders walk L2
+// tables with it.
+func (c *l2cursor) next(d *decoder) (e entry, at uint64, done bool, err error) {
+	if c.i >= c.n {
+		return entry{}, 0, true, nil
+	}
+	i := c.i
+	c.i++
+	es := d.h.L2EntrySize()
+	raw := binary.BigEndian.Uint64(c.tab[i*es:])
+	var bm uint64
+	if es == 16 {
+		bm = binary.BigEndian.Uint64(c.tab[i*es+8:])
+	}
+	at = c.at + i*es
+	e, err = d.l2Entry(at, c.g0+i, raw, bm)
+	return e, at, false, err
+}
+
 type streamState struct {
 	d   *decoder
 	r   io.Reader
@@ -908,21 +928,11 @@ func (s *streamState) startL2(tab []byte, at, l1idx uint64) {
 // stepL2 handles one entry of the L2 table being walked.
 func (s *streamState) stepL2() error {
 	d := s.d
-	c := s.l2
-	if c.i >= c.n {
+	e, at, done, err := s.l2.next(d)
+	if done {
 		s.l2 = nil
 		return nil
 	}
-	i := c.i
-	c.i++
-	es := d.h.L2EntrySize()
-	raw := binary.BigEndian.Uint64(c.tab[i*es:])
-	var bm uint64
-	if es == 16 {
-		bm = binary.BigEndian.Uint64(c.tab[i*es+8:])
-	}
-	at := c.at + i*es
-	e, err := d.l2Entry(at, c.g0+i, raw, bm)
 	if err != nil {
 		return err
 	}

@@ -208,21 +208,11 @@ func (a *atState) stepL1() error {
 
 func (a *atState) stepL2() error {
 	d := a.d
-	c := a.l2
-	if c.i >= c.n {
+	e, _, done, err := a.l2.next(d)
+	if done {
 		a.l2 = nil
 		return nil
 	}
-	i := c.i
-	c.i++
-	es := d.h.L2EntrySize()
-	raw := binary.BigEndian.Uint64(c.tab[i*es:])
-	var bm uint64
-	if es == 16 {
-		bm = binary.BigEndian.Uint64(c.tab[i*es+8:])
-	}
-	at := c.at + i*es
-	e, err := d.l2Entry(at, c.g0+i, raw, bm)
 	if err != nil {
 		return err
 	}
