@@ -257,12 +257,7 @@ func openPty(t testing.TB) (master, slave *os.File) {
 // received so far. It skips, visibly, where unshare -m is refused.
 func startWithJournal(t *testing.T, stdin, stdout *os.File, args ...string) (p *proc, entries func() []journalEntry) {
 	t.Helper()
-	if _, err := exec.LookPath("unshare"); err != nil {
-		t.Skip("SKIP: unshare not installed")
-	}
-	if out, err := exec.Command("unshare", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
-		t.Skipf("SKIP: unshare -m refused here: %v: %s", err, bytes.TrimSpace(out))
-	}
+	needUnshare(t)
 	sock := filepath.Join(t.TempDir(), "journal.socket")
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
 	if err != nil {

@@ -54,12 +54,7 @@ func parseJournal(b []byte) (journalEntry, error) {
 // socket this test reads, and returns the entries it received.
 func runWithJournal(t *testing.T, stdout string, args ...string) (result, []journalEntry) {
 	t.Helper()
-	if _, err := exec.LookPath("unshare"); err != nil {
-		t.Skip("SKIP: unshare not installed")
-	}
-	if out, err := exec.Command("unshare", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
-		t.Skipf("SKIP: unshare -m refused here: %v: %s", err, bytes.TrimSpace(out))
-	}
+	needUnshare(t)
 	sockPath := filepath.Join(t.TempDir(), "journal.socket")
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
 	if err != nil {

@@ -5,7 +5,6 @@ package tests
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand"
@@ -14,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // bin is the path of the binary under test, built once by TestMain.
@@ -53,25 +51,19 @@ func runTool(t testing.TB, in []byte, args ...string) result {
 
 func runAs(t testing.TB, path string, in []byte, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, path, args...)
-	if in != nil {
-		cmd.Stdin = bytes.NewReader(in)
+	return runWithFiles(t, path, in, "", nil, args...)
+}
+
+// needUnshare skips, visibly, where a private mount namespace cannot be
+// made (the journal and out-of-space tests mount their own /run or tmpfs).
+func needUnshare(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("SKIP: unshare not installed")
 	}
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	if ctx.Err() != nil {
-		t.Fatalf("%s %s: timed out", filepath.Base(path), strings.Join(args, " "))
+	if out, err := exec.Command("unshare", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
+		t.Skipf("SKIP: unshare -m refused here: %v: %s", err, bytes.TrimSpace(out))
 	}
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("running %s: %v", path, err)
-	}
-	return result{out.Bytes(), errb.Bytes(), code}
 }
 
 // mustRun runs the binary and fails the test unless it exits 0.
