@@ -458,3 +458,33 @@ func TestImportSeedWalkthroughWithOurImport(t *testing.T) {
 	mustRunPiped(t, diff, "stream_decode", rebuilt)
 	sameFiles(t, rebuilt, b)
 }
+
+// TestImportDestinationFDDirect: --direct applies to a destination given
+// as an open descriptor too (xapi opens the VDI and passes it), and an odd
+// virtual size still imports exactly.
+func TestImportDestinationFDDirect(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.img")
+	sparseFile(t, src, 3<<20+512)
+	writeRandom(t, rand.New(rand.NewSource(77)), src, 100000, 300000)
+	writeRandom(t, rand.New(rand.NewSource(78)), src, 3<<20, 512)
+	img := filepath.Join(dir, "src.qcow2")
+	exportToFile(t, img, "stream", "--source", src)
+	dst := filepath.Join(dir, "dst.img")
+	f, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := runWithFiles(t, bin, data, "", []*os.File{f}, "serve", "--source-format", "qcow2", "--source-protocol", "none",
+		"--source", "stdin:", "--destination-fd", "3", "--destination-format", "raw", "--direct")
+	if r.Code != 0 {
+		t.Fatalf("serve --destination-fd 3 --direct: exit %d: %s", r.Code, r.Stderr)
+	}
+	sameFiles(t, dst, src)
+}

@@ -112,7 +112,7 @@ func (c *StreamCmd) Run(env *Env) error {
 		if err != nil {
 			return err
 		}
-		if req.Source, err = rawdisk.FromFile(f, fmt.Sprintf("fd %d", *c.SourceFD)); err != nil {
+		if req.Source, err = rawdisk.FromFileDirect(f, fmt.Sprintf("fd %d", *c.SourceFD), c.Direct); err != nil {
 			return err
 		}
 	case srcPath == "":
@@ -132,7 +132,7 @@ func (c *StreamCmd) Run(env *Env) error {
 			if err != nil {
 				return err
 			}
-			if req.Source, err = rawdisk.FromFile(f, fmt.Sprintf("fd %d", ep.FD)); err != nil {
+			if req.Source, err = rawdisk.FromFileDirect(f, fmt.Sprintf("fd %d", ep.FD), c.Direct); err != nil {
 				return err
 			}
 		case "stdin":

@@ -237,7 +237,7 @@ func (c ctxReader) Read(p []byte) (int, error) {
 
 func openDestination(opt Options) (*rawdisk.Disk, error) {
 	if opt.Destination != nil {
-		return rawdisk.FromFile(opt.Destination, opt.DestinationName)
+		return rawdisk.FromFileDirect(opt.Destination, opt.DestinationName, opt.Direct)
 	}
 	if opt.DestinationPath == "" {
 		return nil, errors.New("no destination")

@@ -77,12 +77,31 @@ func OpenFile(path string, direct bool, perm os.FileMode) (*Disk, error) {
 }
 
 // FromFile wraps an already open descriptor (vhd-tool's --source-fd and
-// --destination-fd). direct is not applied to it.
+// --destination-fd).
 func FromFile(f *os.File, name string) (*Disk, error) {
 	d := &Disk{f: f, path: name}
 	if err := d.stat(); err != nil {
 		return nil, err
 	}
+	return d, nil
+}
+
+// FromFileDirect wraps an already open descriptor like FromFile and, with
+// direct, turns on O_DIRECT on it (fcntl F_SETFL): xapi opens the disk and
+// passes the descriptor, and --direct must still bypass the page cache.
+func FromFileDirect(f *os.File, name string, direct bool) (*Disk, error) {
+	d, err := FromFile(f, name)
+	if err != nil || !direct {
+		return d, err
+	}
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(f.Fd(), unix.F_SETFL, fl|unix.O_DIRECT)
+	}
+	if err != nil {
+		return nil, &DiskError{Path: name, Op: "set O_DIRECT", Err: err}
+	}
+	d.direct = true
 	return d, nil
 }
 

@@ -129,3 +129,21 @@ func TestZeroAndWriteback(t *testing.T) {
 		t.Fatal("Zero changed the wrong bytes")
 	}
 }
+
+func TestFromFileDirectSetsODirect(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "fd")
+	os.WriteFile(p, make([]byte, 8192), 0o644)
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	d, err := FromFileDirect(f, "fd 3", true)
+	if err != nil {
+		t.Skipf("SKIP: O_DIRECT refused on this file system: %v", err)
+	}
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil || fl&unix.O_DIRECT == 0 || !d.Direct() {
+		t.Fatalf("O_DIRECT not set on the descriptor (flags %#x, err %v)", fl, err)
+	}
+}
