@@ -2,7 +2,6 @@ package qcow
 
 import (
 	"bytes"
-	"flag"
 	"os"
 	"path/filepath"
 	"testing"
@@ -80,33 +79,16 @@ func fuzzDecode(t *testing.T, r *Reader, err error) {
 	}
 }
 
-// readerMinimizeLimit bounds the fuzzer's minimisation of each new
-// FuzzReader input, unless -fuzzminimizetime is given. Minimising a qcow2
-// image is wasted work: removing any byte shifts every offset after it, so
-// no candidate keeps the new coverage (hit counts of the loops over
-// clusters and table entries included), and the minimiser's O(n²) subset
-// pass runs for the whole default 60 s on a seed-sized input (a few KiB to
-// 94 KiB). Its executions are only reported when it returns, so a short
-// run showed ~20 execs in 10 s with both workers busy; a time limit does
-// not help, as the coordinator kills and restarts a worker whose
-// minimisation overruns it. A count lets crashers still have their tail
-// cut.
-const readerMinimizeLimit = "500x"
-
-func boundMinimization(f *testing.F, limit string) {
-	const name = "test.fuzzminimizetime"
-	set := false
-	flag.Visit(func(fl *flag.Flag) { set = set || fl.Name == name })
-	if set || flag.Lookup(name) == nil {
-		return
-	}
-	if err := flag.Set(name, limit); err != nil {
-		f.Fatalf("setting -%s: %v", name, err)
-	}
-}
-
+// FuzzReader: run it with -fuzzminimizetime=500x (make fuzz does).
+// Minimising a qcow2 image is wasted work: removing any byte shifts every
+// offset after it, so no candidate keeps the new coverage, and the
+// minimiser's O(n²) subset pass runs for the whole default 60 s on a
+// seed-sized input (a few KiB to 94 KiB); its executions are only reported
+// when it returns, so a short run showed ~20 execs in 10 s with both
+// workers busy. A time limit does not help (the coordinator kills and
+// restarts a worker whose minimisation overruns it); a count does, and
+// still lets a crasher have its tail cut.
 func FuzzReader(f *testing.F) {
-	boundMinimization(f, readerMinimizeLimit)
 	for _, s := range fuzzSeeds(f) {
 		f.Add(s)
 	}
