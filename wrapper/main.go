@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -73,7 +74,7 @@ func Run(env *vhdcompat.Env, argv []string) int {
 	defer closeLog()
 	env.Log = logger
 	done := make(chan int, 1)
-	go func() { done <- run(env, args) }()
+	go func() { done <- guarded(env, func() int { return run(env, args) }) }()
 	select {
 	case code := <-done:
 		return code
@@ -91,6 +92,19 @@ func Run(env *vhdcompat.Env, argv []string) int {
 		exiting.Store(true)
 		return code
 	}
+}
+
+// guarded runs f and turns a panic into the one-line error and exit
+// status 1 that xapi expects: a panic is a bug, and the journal gets the
+// stack for the bug report.
+func guarded(env *vhdcompat.Env, f func() int) (code int) {
+	defer func() {
+		if r := recover(); r != nil {
+			env.Log.Error("panic", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			code = fail(env, fmt.Errorf("internal error (a bug: please report it with the journal entry): %v", r), 1)
+		}
+	}()
+	return f()
 }
 
 // signalGrace is how long a command may take to stop after SIGTERM or
