@@ -138,7 +138,9 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		"delta", opt.Delta, "prezeroed", opt.Prezeroed, "direct", disk.Direct()}
 	log.Info("import started", attrs...)
 
-	sink := NewSink(disk, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
+	target := newAsyncTarget(disk)
+	defer target.Close()
+	sink := NewSink(target, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
 	var done uint64
 	for {
 		if err := ctx.Err(); err != nil {

@@ -100,6 +100,10 @@ type Sink struct {
 	wb        Writebacker
 	cur, prev span
 	curBytes  int64
+
+	// With an asyncTarget, the pool of buffers (see Flush).
+	async *asyncTarget
+	free  chan []byte
 }
 
 // span is a range [lo, hi) of the destination; empty when hi <= lo.
@@ -122,7 +126,15 @@ func NewSink(t Target, opt SinkOptions) *Sink {
 	if opt.KnownZeroFrom < 0 {
 		opt.KnownZeroFrom = 0
 	}
-	s := &Sink{t: t, opt: opt, buf: rawdisk.AlignedBuffer(opt.MaxWrite + block), pend: -1, end: -1}
+	s := &Sink{t: t, opt: opt, pend: -1, end: -1}
+	if a, ok := t.(*asyncTarget); ok {
+		// Buffers handed to the target are in use until written: keep a
+		// pool and fill one while the others are written.
+		s.async, s.free = a, newBufferPool(asyncBuffers, opt.MaxWrite+block)
+		s.buf = <-s.free
+	} else {
+		s.buf = rawdisk.AlignedBuffer(opt.MaxWrite + block)
+	}
 	if wb, ok := t.(Writebacker); ok && !t.Direct() {
 		s.wb = wb
 	}
@@ -157,7 +169,13 @@ func (s *Sink) Finish() error {
 	if err := s.checkpoint(); err != nil {
 		return err
 	}
-	return s.checkpoint()
+	if err := s.checkpoint(); err != nil {
+		return err
+	}
+	if s.async != nil {
+		return s.async.Wait()
+	}
+	return nil
 }
 
 // BoundsError is an extent outside [0, Size).
@@ -266,6 +284,18 @@ var zeroBlock [block]byte
 // skipped where the destination already reads as zero, zeroed cheaply when
 // long, and written with their neighbours when short.
 func (s *Sink) Flush() error {
+	had := s.end > s.pend
+	err := s.flush()
+	if had && s.async != nil {
+		// The writes just queued read s.buf: it goes back to the pool
+		// once they are done, and filling goes on in another buffer.
+		s.async.release(s.buf, s.free)
+		s.buf = <-s.free
+	}
+	return err
+}
+
+func (s *Sink) flush() error {
 	if s.end <= s.pend {
 		s.pend, s.end = -1, -1
 		return nil
