@@ -10,12 +10,10 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -257,42 +255,8 @@ func openPty(t testing.TB) (master, slave *os.File) {
 // received so far. It skips, visibly, where unshare -m is refused.
 func startWithJournal(t *testing.T, stdin, stdout *os.File, args ...string) (p *proc, entries func() []journalEntry) {
 	t.Helper()
-	needUnshare(t)
-	sock := filepath.Join(t.TempDir(), "journal.socket")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	var mu sync.Mutex
-	var got []journalEntry
-	go func() {
-		buf := make([]byte, 1<<20)
-		for {
-			n, _, err := conn.ReadFromUnix(buf)
-			if err != nil {
-				return
-			}
-			if e, err := parseJournal(buf[:n]); err == nil {
-				mu.Lock()
-				got = append(got, e)
-				mu.Unlock()
-			}
-		}
-	}()
-	script := `set -e
-mount -t tmpfs -o size=1m tmpfs /run
-mkdir -p /run/systemd/journal
-touch /run/systemd/journal/socket
-mount --bind "$JOURNAL_SOCK" /run/systemd/journal/socket
-exec "$@"`
-	p = startCmd(t, stdin, stdout, append([]string{"-m", "--propagation", "private", "sh", "-c", script, "sh", bin}, args...),
-		"unshare", "JOURNAL_SOCK="+sock)
-	return p, func() []journalEntry {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]journalEntry(nil), got...)
-	}
+	j := newFakeJournal(t)
+	return startCmd(t, stdin, stdout, j.unshareArgs(args...), "unshare", j.env()), j.entries
 }
 
 // journalFailure waits up to a second for the error entry of a failed run

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -49,33 +50,98 @@ func parseJournal(b []byte) (journalEntry, error) {
 	return e, nil
 }
 
-// runWithJournal runs the binary inside a private mount namespace where a
-// tmpfs hides /run and /run/systemd/journal/socket is a unix datagram
-// socket this test reads, and returns the entries it received.
-func runWithJournal(t *testing.T, stdout string, args ...string) (result, []journalEntry) {
-	t.Helper()
-	needUnshare(t)
-	sockPath := filepath.Join(t.TempDir(), "journal.socket")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetReadBuffer(4 << 20)
+// fakeJournal is a unix datagram socket standing in for journald: the
+// binary runs in a private mount namespace where a tmpfs hides /run and
+// the socket's inode is bound over /run/systemd/journal/socket, so the
+// binary connects to the journal's real path and reaches this test.
+type fakeJournal struct {
+	sock string
+	conn *net.UnixConn
+	done chan struct{}
 
-	// The socket's inode is bound over a file at the journal's path in the
-	// namespace: the binary connects to /run/systemd/journal/socket and
-	// reaches this test.
-	script := `set -e
+	mu  sync.Mutex
+	got []journalEntry
+	bad []string // datagrams that did not parse
+}
+
+const journalScript = `set -e
 mount -t tmpfs -o size=1m tmpfs /run
 mkdir -p /run/systemd/journal
 touch /run/systemd/journal/socket
 mount --bind "$JOURNAL_SOCK" /run/systemd/journal/socket
 exec "$@"`
+
+// newFakeJournal listens and collects entries until the test ends. It
+// skips, visibly, where unshare -m is refused.
+func newFakeJournal(t *testing.T) *fakeJournal {
+	t.Helper()
+	needUnshare(t)
+	j := &fakeJournal{sock: filepath.Join(t.TempDir(), "journal.socket"), done: make(chan struct{})}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: j.sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadBuffer(4 << 20)
+	j.conn = conn
+	t.Cleanup(func() { conn.Close() })
+	go func() {
+		defer close(j.done)
+		buf := make([]byte, 1<<20)
+		for {
+			n, _, err := conn.ReadFromUnix(buf)
+			if err != nil {
+				return
+			}
+			e, err := parseJournal(buf[:n])
+			j.mu.Lock()
+			if err != nil {
+				j.bad = append(j.bad, fmt.Sprintf("%q: %v", buf[:n], err))
+			} else {
+				j.got = append(j.got, e)
+			}
+			j.mu.Unlock()
+		}
+	}()
+	return j
+}
+
+// unshareArgs is the unshare command line that runs the binary with args
+// against this journal (with env() in its environment).
+func (j *fakeJournal) unshareArgs(args ...string) []string {
+	return append([]string{"-m", "--propagation", "private", "sh", "-c", journalScript, "sh", bin}, args...)
+}
+
+func (j *fakeJournal) env() string { return "JOURNAL_SOCK=" + j.sock }
+
+// entries returns what the journal received so far.
+func (j *fakeJournal) entries() []journalEntry {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return append([]journalEntry(nil), j.got...)
+}
+
+// drain waits for the datagrams already queued (they are, by the time the
+// sender exits) and stops listening; it fails the test on any that did not
+// parse.
+func (j *fakeJournal) drain(t *testing.T) []journalEntry {
+	t.Helper()
+	j.conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	<-j.done
+	for _, b := range j.bad {
+		t.Errorf("journal datagram %s", b)
+	}
+	return j.entries()
+}
+
+// runWithJournal runs the binary against a fakeJournal and returns the
+// entries it received.
+func runWithJournal(t *testing.T, stdout string, args ...string) (result, []journalEntry) {
+	t.Helper()
+	j := newFakeJournal(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "unshare", append([]string{"-m", "--propagation", "private", "sh", "-c", script, "sh", bin}, args...)...)
-	cmd.Env = append(os.Environ(), "JOURNAL_SOCK="+sockPath)
+	cmd := exec.CommandContext(ctx, "unshare", j.unshareArgs(args...)...)
+	cmd.Env = append(os.Environ(), j.env())
 	var out, errb bytes.Buffer
 	cmd.Stderr = &errb
 	if stdout != "" {
@@ -88,25 +154,7 @@ exec "$@"`
 	} else {
 		cmd.Stdout = &out
 	}
-	var entries []journalEntry
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 1<<20)
-		for {
-			n, _, err := conn.ReadFromUnix(buf)
-			if err != nil {
-				return
-			}
-			e, err := parseJournal(buf[:n])
-			if err != nil {
-				t.Errorf("journal datagram %q: %v", buf[:n], err)
-				continue
-			}
-			entries = append(entries, e)
-		}
-	}()
-	err = cmd.Run()
+	err := cmd.Run()
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
@@ -116,10 +164,7 @@ exec "$@"`
 	if strings.Contains(errb.String(), "mount") && code != 0 && !strings.HasPrefix(errb.String(), "xapi-qcow-tool:") {
 		t.Skipf("SKIP: mounting in the namespace refused: %s", errb.String())
 	}
-	// Datagrams are queued by the time the sender exits; drain them.
-	conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	<-done
-	return result{out.Bytes(), errb.Bytes(), code}, entries
+	return result{out.Bytes(), errb.Bytes(), code}, j.drain(t)
 }
 
 func findEntry(entries []journalEntry, msg string) journalEntry {
