@@ -1,9 +1,7 @@
 package qcow
 
 import (
-	"bytes"
 	"encoding/json"
-	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,32 +68,14 @@ func TestPlanLayoutTooLarge(t *testing.T) {
 func TestEncodeQemuCheck(t *testing.T) {
 	needQemuImg(t)
 	dir := t.TempDir()
-	r := rand.New(rand.NewSource(2))
 	for _, cb := range []uint32{9, 12, 16, 21} {
 		for _, order := range []uint32{0, 4, 6} {
 			size := uint64(3<<20) + 1536
-			clusters := (size + 1<<cb - 1) >> cb
-			data := bitmap.New(clusters)
-			zero := bitmap.New(clusters)
-			raw := make([]byte, size)
-			for g := uint64(0); g < clusters; g++ {
-				switch r.Intn(3) {
-				case 0:
-					data.Set(g)
-					lo, hi := g<<cb, min((g+1)<<cb, size)
-					r.Read(raw[lo:hi])
-				case 1:
-					zero.Set(g)
-				}
-			}
-			var out bytes.Buffer
-			a := Allocation{VirtualSize: size, ClusterBits: cb, RefcountOrder: order, Data: data, Zero: zero}
-			if _, err := Encode(&out, a, bytes.NewReader(raw)); err != nil {
-				t.Fatal(err)
-			}
+			// A third of the clusters data, a third zero-flagged.
+			enc, raw, _ := encodeRandom(t, int64(2+cb*10+order), size, cb, order)
 			img := filepath.Join(dir, "x.qcow2")
 			rawPath := filepath.Join(dir, "x.raw")
-			os.WriteFile(img, out.Bytes(), 0o644)
+			os.WriteFile(img, enc, 0o644)
 			os.WriteFile(rawPath, raw, 0o644)
 			qemuImg(t, "check", img)
 			qemuImg(t, "compare", "-f", "qcow2", "-F", "raw", img, rawPath)
