@@ -75,7 +75,7 @@ func (c *ServeCmd) Run(env *Env) error {
 		if err != nil {
 			return err
 		}
-		opt.Source, opt.SourceName = f, fmt.Sprintf("fd %d", *c.SourceFD)
+		opt.Source, opt.SourceName = f, f.Name()
 	default:
 		ep, err := ParseEndpoint(c.Source)
 		if err != nil {
@@ -89,7 +89,7 @@ func (c *ServeCmd) Run(env *Env) error {
 			if err != nil {
 				return err
 			}
-			opt.Source, opt.SourceName = f, fmt.Sprintf("fd %d", ep.FD)
+			opt.Source, opt.SourceName = f, f.Name()
 		case "file":
 			f, err := os.Open(ep.Path)
 			if err != nil {
@@ -108,7 +108,7 @@ func (c *ServeCmd) Run(env *Env) error {
 		if err != nil {
 			return err
 		}
-		opt.Destination, opt.DestinationName = f, fmt.Sprintf("fd %d", *c.DestinationFD)
+		opt.Destination, opt.DestinationName = f, f.Name()
 	case c.Destination == "":
 		return &UsageError{"--destination is required (file://PATH or a path; or --destination-fd N)"}
 	default:
@@ -124,7 +124,7 @@ func (c *ServeCmd) Run(env *Env) error {
 			if err != nil {
 				return err
 			}
-			opt.Destination, opt.DestinationName = f, fmt.Sprintf("fd %d", ep.FD)
+			opt.Destination, opt.DestinationName = f, f.Name()
 		default:
 			return &UsageError{fmt.Sprintf("--destination %s: a raw disk must be file://PATH, a path or fd://N", c.Destination)}
 		}

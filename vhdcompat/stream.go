@@ -112,7 +112,7 @@ func (c *StreamCmd) Run(env *Env) error {
 		if err != nil {
 			return err
 		}
-		if req.Source, err = rawdisk.FromFileDirect(f, fmt.Sprintf("fd %d", *c.SourceFD), c.Direct); err != nil {
+		if req.Source, err = rawdisk.FromFileDirect(f, f.Name(), c.Direct); err != nil {
 			return err
 		}
 	case srcPath == "":
@@ -132,7 +132,7 @@ func (c *StreamCmd) Run(env *Env) error {
 			if err != nil {
 				return err
 			}
-			if req.Source, err = rawdisk.FromFileDirect(f, fmt.Sprintf("fd %d", ep.FD), c.Direct); err != nil {
+			if req.Source, err = rawdisk.FromFileDirect(f, f.Name(), c.Direct); err != nil {
 				return err
 			}
 		case "stdin":
@@ -161,7 +161,7 @@ func (c *StreamCmd) Run(env *Env) error {
 		if err != nil {
 			return err
 		}
-		req.Out, req.OutName = f, fmt.Sprintf("fd %d", *c.DestinationFD)
+		req.Out, req.OutName = f, f.Name()
 	default:
 		ep, err := ParseEndpoint(c.Destination)
 		if err != nil {
@@ -181,7 +181,7 @@ func (c *StreamCmd) Run(env *Env) error {
 			if err != nil {
 				return err
 			}
-			req.Out, req.OutName = f, fmt.Sprintf("fd %d", ep.FD)
+			req.Out, req.OutName = f, f.Name()
 		case "file":
 			f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 			if err != nil {

@@ -45,14 +45,15 @@ func ParseEndpoint(s string) (Endpoint, error) {
 }
 
 // FDFile returns an *os.File for an inherited descriptor, checking that it
-// is open.
-func FDFile(fd int, name string) (*os.File, error) {
-	f := os.NewFile(uintptr(fd), name)
+// is open. flag names the option that gave it, for errors; the file's Name
+// is "fd N", which messages use for it.
+func FDFile(fd int, flag string) (*os.File, error) {
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("fd %d", fd))
 	if f == nil {
-		return nil, fmt.Errorf("%s: descriptor %d is not valid", name, fd)
+		return nil, fmt.Errorf("%s: descriptor %d is not valid", flag, fd)
 	}
 	if _, err := f.Stat(); err != nil {
-		return nil, fmt.Errorf("%s: descriptor %d is not open", name, fd)
+		return nil, fmt.Errorf("%s: descriptor %d is not open", flag, fd)
 	}
 	return f, nil
 }
