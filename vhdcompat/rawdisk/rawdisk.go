@@ -210,15 +210,31 @@ func (d *Disk) Sync() error {
 }
 
 // AlignedBuffer returns a zeroed buffer of n bytes whose address is aligned
-// for O_DIRECT.
+// for O_DIRECT. A buffer of 2 MiB or more is aligned to 2 MiB and asked to
+// be backed by huge pages: an O_DIRECT read pins the buffer's pages for the
+// device, and with 4 KiB pages pinning took a tenth of the CPU of a direct
+// scan (get_user_pages and the bio built page by page); one huge page
+// stands for 512 of them.
 func AlignedBuffer(n int) []byte {
-	b := make([]byte, n+Alignment)
-	off := int(uintptr(unsafe.Pointer(&b[0])) & (Alignment - 1))
-	if off != 0 {
-		off = Alignment - off
+	align := Alignment
+	if n >= hugePage {
+		align = hugePage
 	}
-	return b[off : off+n : off+n]
+	b := make([]byte, n+align)
+	off := int(uintptr(unsafe.Pointer(&b[0])) & uintptr(align-1))
+	if off != 0 {
+		off = align - off
+	}
+	b = b[off : off+n : off+n]
+	if align == hugePage {
+		// Advice only: without transparent huge pages the buffer
+		// works the same, at the cost measured above.
+		_ = unix.Madvise(b, unix.MADV_HUGEPAGE)
+	}
+	return b
 }
+
+const hugePage = 2 << 20
 
 // ReadAt reads len(p) bytes at off. With O_DIRECT, p must come from
 // AlignedBuffer and off be a multiple of Alignment; a read that reaches the
