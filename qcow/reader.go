@@ -23,6 +23,15 @@ type ReaderOptions struct {
 	// --delta applies a diff); otherwise such images are refused with an
 	// error.
 	AllowBacking bool
+	// DataBuffer, when set, is asked where the bytes of a run of data
+	// clusters read from a stream (NewReader) should land: it returns
+	// memory for up to n bytes of the guest disk from off. The decoder
+	// reads the stream straight into it, and the next extent Next returns
+	// is that run, with Data in that memory (shorter than asked at the
+	// end of the disk or of a truncated stream). A caller that writes
+	// from its own buffer saves a copy of every byte. Returning less than
+	// a cluster (or nil) makes the decoder use its own buffer.
+	DataBuffer func(off uint64, n int) []byte
 }
 
 // DefaultMaxBuffered is the default ReaderOptions.MaxBuffered.
@@ -714,13 +723,14 @@ type streamState struct {
 	q   queue
 	acc accumulator
 
-	rbuf  []byte // data read buffer (grown by readData)
-	l2buf []byte // L2 table read buffer
-	l1buf []byte // L1 cluster read buffer
+	rbuf  []byte                         // data read buffer (grown by readData)
+	lend  func(off uint64, n int) []byte // ReaderOptions.DataBuffer
+	l2buf []byte                         // L2 table read buffer
+	l1buf []byte                         // L1 cluster read buffer
 }
 
 func newStream(d *decoder, r io.Reader, opts ReaderOptions) *streamState {
-	s := &streamState{d: d, r: r, pos: d.cs, maxBuf: opts.MaxBuffered, buffer: map[uint64][]byte{}}
+	s := &streamState{d: d, r: r, pos: d.cs, maxBuf: opts.MaxBuffered, buffer: map[uint64][]byte{}, lend: opts.DataBuffer}
 	if s.maxBuf <= 0 {
 		s.maxBuf = DefaultMaxBuffered
 	}
@@ -1108,6 +1118,37 @@ func (s *streamState) readData(n uint64) ([]byte, error) {
 	return s.rbuf[:have], nil
 }
 
+// lentBatch bounds a run read into the caller's memory (DataBuffer): as
+// large as the caller's writes, so that each becomes one read.
+const lentBatch = 4 << 20
+
+// readRun reads the first clusters of the data run r: k of them into the
+// decoder's buffer or, for whole clusters when the caller lends memory
+// (DataBuffer), as many as fit there. No other extent is queued between
+// this read and the run's extent (the queue and the accumulator are empty
+// when advance runs), so the caller's memory is used for exactly the next
+// extent it receives.
+func (s *streamState) readRun(r run, k uint64) ([]byte, error) {
+	d := s.d
+	if s.lend == nil || r.mask != d.full {
+		return s.readData(k << d.cb)
+	}
+	want := min(r.n, max(uint64(lentBatch)>>d.cb, 1)) << d.cb
+	if end := d.h.Size - r.g<<d.cb; want > end {
+		want = end // the last cluster: only its guest part is lent
+	}
+	dst := s.lend(r.g<<d.cb, int(want))
+	if uint64(len(dst)) >= want {
+		dst = dst[:want]
+	} else {
+		dst = dst[:uint64(len(dst))&^(d.cs-1)] // whole clusters
+	}
+	if len(dst) == 0 {
+		return s.readData(k << d.cb)
+	}
+	return s.read(dst)
+}
+
 // endEOF finishes the compressed clusters still collecting bytes when the
 // stream ends: their upper bound may run past the end of the image.
 func (s *streamState) endEOF() {
@@ -1194,7 +1235,7 @@ func (s *streamState) advance() error {
 		if r.mask != d.full {
 			k = 1
 		}
-		b, err := s.readData(k << d.cb)
+		b, err := s.readRun(r, k)
 		if err != nil {
 			return err
 		}
@@ -1202,11 +1243,8 @@ func (s *streamState) advance() error {
 			return err
 		}
 		got := uint64(len(b)) >> d.cb
-		if got < k {
-			// A partial last cluster is enough if it holds the guest part.
-			if need := d.needBytes(r.g+got, r.mask); uint64(len(b))-got<<d.cb >= need {
-				got++
-			}
+		if rest := uint64(len(b)) - got<<d.cb; got < r.n && rest > 0 && rest >= d.needBytes(r.g+got, r.mask) {
+			got++ // a partial last cluster is enough if it holds the guest part
 		}
 		if got == 0 {
 			return d.wrapf(io.ErrUnexpectedEOF, s.pos, "stream ended inside the data cluster for guest %#x at %#x", r.g<<d.cb, p)

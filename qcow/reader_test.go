@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -119,6 +120,9 @@ func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions
 	if want != nil && !bytes.Equal(disk, want) {
 		t.Fatalf("stream: content differs at %#x", firstDiff(disk, want))
 	}
+	if lent := decodeLending(t, src, img, opts, oneByte); !bytes.Equal(lent, disk) {
+		t.Fatalf("stream into lent memory: content differs at %#x", firstDiff(lent, disk))
+	}
 	ra, err := NewReaderAt(bytes.NewReader(img), int64(len(img)), opts)
 	if err != nil {
 		t.Fatalf("NewReaderAt: %v", err)
@@ -139,6 +143,71 @@ func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions
 	}
 	return spans
 }
+
+// decodeLending decodes img as a stream whose data runs land in memory the
+// caller lends (ReaderOptions.DataBuffer), of varying sizes: whole, short,
+// less than a cluster, none. Each loan must come back as the next extent,
+// a data extent at the loan's offset whose Data is the loan's memory.
+func decodeLending(t *testing.T, _ io.Reader, img []byte, opts ReaderOptions, oneByte bool) []byte {
+	t.Helper()
+	var src io.Reader = streamOnly{bytes.NewReader(img)}
+	if oneByte {
+		src = iotest.OneByteReader(bytes.NewReader(img))
+	}
+	var (
+		loan    []byte
+		loanOff uint64
+		loans   int
+	)
+	rng := rand.New(rand.NewSource(int64(len(img))))
+	opts.DataBuffer = func(off uint64, n int) []byte {
+		if loan != nil {
+			t.Fatalf("DataBuffer(%#x) while the loan at %#x is out", off, loanOff)
+		}
+		switch rng.Intn(4) {
+		case 0:
+			return nil
+		case 1:
+			n = 1 + rng.Intn(n) // short, maybe less than a cluster
+		}
+		loan, loanOff = make([]byte, n), off
+		return loan
+	}
+	r, err := NewReader(src, opts)
+	if err != nil {
+		t.Fatalf("NewReader (lending): %v", err)
+	}
+	disk := make([]byte, r.Header().Size)
+	for {
+		e, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("stream (lending): %v", err)
+		}
+		if loan != nil {
+			inLoan := e.Kind == ExtentData && e.Offset == loanOff && len(e.Data) > 0 && len(e.Data) <= len(loan) && &e.Data[0] == &loan[0]
+			// Only a loan of less than a cluster may be declined.
+			if !inLoan && len(loan) >= 1<<r.Header().ClusterBits {
+				t.Fatalf("the extent after a loan at %#x of %d bytes is %v at %#x (%d bytes), not in the loan", loanOff, len(loan), e.Kind, e.Offset, e.Length)
+			}
+			if inLoan {
+				loans++
+			}
+			loan = nil
+		}
+		if e.Kind == ExtentData {
+			copy(disk[e.Offset:], e.Data)
+		}
+	}
+	lendingLoans.Add(int64(loans))
+	return disk
+}
+
+// lendingLoans counts the loans decodeLending saw used, over all tests:
+// TestLendingUsed checks the path was taken.
+var lendingLoans atomic.Int64
 
 func firstDiff(a, b []byte) int {
 	for i := range min(len(a), len(b)) {
@@ -794,5 +863,16 @@ func TestReaderCostFollowsInput(t *testing.T) {
 				t.Errorf("a decode of a %d-byte image took %v", len(img), slowest)
 			}
 		})
+	}
+}
+
+// TestLendingUsed: decoding a stream with random data into lent memory
+// (decodeBoth) fills the loans rather than declining them all.
+func TestLendingUsed(t *testing.T) {
+	before := lendingLoans.Load()
+	img, raw, _ := encodeRandom(t, 11, 8<<20, 16, 4)
+	decodeBoth(t, img, raw, false, ReaderOptions{})
+	if lendingLoans.Load() == before {
+		t.Fatal("no data run was read into lent memory")
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+	"golang.org/x/sys/unix"
 )
 
 // Options describe one import.
@@ -95,7 +96,16 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		return nil, fmt.Errorf("import from %s into %s: %w", opt.SourceName, opt.DestinationName, err)
 	}
 
-	r, err := openReader(ctx, opt)
+	// The stream decoder reads data runs straight into the sink's pending
+	// write (see qcow.ReaderOptions.DataBuffer): set once the sink exists.
+	var sink *Sink
+	lend := func(off uint64, n int) []byte {
+		if sink == nil || off > math.MaxInt64 {
+			return nil
+		}
+		return sink.Buffer(int64(off), n)
+	}
+	r, err := openReader(ctx, opt, lend)
 	if err != nil {
 		return fail(err)
 	}
@@ -140,7 +150,7 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 
 	target := newAsyncTarget(disk)
 	defer target.Close()
-	sink := NewSink(target, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
+	sink = NewSink(target, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
 	var done uint64
 	for {
 		if err := ctx.Err(); err != nil {
@@ -195,11 +205,16 @@ func apply(s *Sink, e qcow.Extent) error {
 	return fmt.Errorf("internal error: extent kind %d", e.Kind)
 }
 
-// streamBuffer is the read size on a pipe or socket: large reads keep the
-// system calls few.
-const streamBuffer = 1 << 20
+// streamBuffer is the buffer for the stream's small reads (the header,
+// tables of small clusters). Reads of a cluster or more bypass it: data
+// runs land in the sink's memory (see Run), and tables in the decoder's.
+const streamBuffer = 64 << 10
 
-func openReader(ctx context.Context, opt Options) (*qcow.Reader, error) {
+// inputPipeSize is asked of F_SETPIPE_SZ for a pipe on our input, so that
+// the sender can run up to a megabyte ahead of our reads while we write.
+const inputPipeSize = 1 << 20
+
+func openReader(ctx context.Context, opt Options, lend func(off uint64, n int) []byte) (*qcow.Reader, error) {
 	ropts := qcow.ReaderOptions{MaxBuffered: opt.MaxBuffered, AllowBacking: opt.Delta}
 	f := opt.Source
 	if f == nil {
@@ -215,9 +230,18 @@ func openReader(ctx context.Context, opt Options) (*qcow.Reader, error) {
 		}
 	}
 	growInputPipe(f)
-	ra := newReadAhead(f)
-	context.AfterFunc(ctx, ra.Close)
-	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, ra}, streamBuffer), ropts)
+	ropts.DataBuffer = lend
+	// A read blocked on a silent sender is not interrupted by a signal:
+	// the command line ends the run after a grace period (wrapper).
+	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, f}, streamBuffer), ropts)
+}
+
+// growInputPipe enlarges the pipe we read from, if it is one.
+func growInputPipe(f *os.File) {
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFIFO {
+		unix.FcntlInt(f.Fd(), unix.F_SETPIPE_SZ, inputPipeSize)
+	}
 }
 
 // ctxReader stops reading once the context is cancelled (SIGTERM).

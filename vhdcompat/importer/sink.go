@@ -104,6 +104,10 @@ type Sink struct {
 	// With an asyncTarget, the pool of buffers (see Flush).
 	async *asyncTarget
 	free  chan []byte
+
+	// lent is the pending room handed out by Buffer, until the next call.
+	lent    []byte
+	lentOff int64
 }
 
 // span is a range [lo, hi) of the destination; empty when hi <= lo.
@@ -196,9 +200,43 @@ func (s *Sink) check(off, n int64) error {
 
 func (s *Sink) knownZero(off int64) bool { return off >= s.opt.KnownZeroFrom }
 
+// Buffer lends the memory of the pending write that the n bytes of the
+// disk at off would be copied into (or the first bytes of them: fewer
+// when the write is nearly full): a caller that fills it and passes that
+// memory to Data, as its next call, saves the copy. Any other next call
+// takes the loan back. Nil when off is outside the disk.
+func (s *Sink) Buffer(off int64, n int) []byte {
+	s.settle()
+	if n <= 0 || s.check(off, 0) != nil || off >= s.opt.Size {
+		return nil
+	}
+	dst, err := s.room(off, min(int64(n), s.opt.Size-off))
+	if err != nil {
+		return nil // the error is the target's: its next write reports it
+	}
+	s.lent, s.lentOff = dst, off
+	return dst
+}
+
+// settle ends a loan of Buffer that Data did not use: the pending write
+// ends where it did before.
+func (s *Sink) settle() {
+	if s.lent != nil {
+		s.end -= int64(len(s.lent))
+		s.lent = nil
+	}
+}
+
 // Data writes p at off (all-zero blocks in it are skipped or zeroed
 // instead of written, when the pending write is flushed).
 func (s *Sink) Data(off int64, p []byte) error {
+	if lent := s.lent; lent != nil && off == s.lentOff && len(p) > 0 && len(p) <= len(lent) && &p[0] == &lent[0] {
+		// Filled in place: keep what was filled of the loan.
+		s.lent = nil
+		s.end -= int64(len(lent) - len(p))
+		return nil
+	}
+	s.settle()
 	if err := s.check(off, int64(len(p))); err != nil {
 		return err
 	}
@@ -216,6 +254,7 @@ func (s *Sink) Data(off int64, p []byte) error {
 
 // Zero makes [off, off+n) read as zeros (a zero-flag cluster).
 func (s *Sink) Zero(off, n int64) error {
+	s.settle()
 	if err := s.check(off, n); err != nil {
 		return err
 	}
@@ -225,6 +264,7 @@ func (s *Sink) Zero(off, n int64) error {
 // Unallocated handles [off, off+n) that the image does not allocate:
 // zeroed, or left untouched in delta mode.
 func (s *Sink) Unallocated(off, n int64) error {
+	s.settle()
 	if err := s.check(off, n); err != nil {
 		return err
 	}
@@ -284,6 +324,7 @@ var zeroBlock [block]byte
 // skipped where the destination already reads as zero, zeroed cheaply when
 // long, and written with their neighbours when short.
 func (s *Sink) Flush() error {
+	s.settle()
 	had := s.end > s.pend
 	err := s.flush()
 	if had && s.async != nil {

@@ -3,7 +3,6 @@ package importer
 import (
 	"bytes"
 	"errors"
-	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -301,47 +300,64 @@ func TestSinkDirectOddSizes(t *testing.T) {
 	}
 }
 
-func TestReadAheadDeliversInOrder(t *testing.T) {
-	src := make([]byte, 5*raChunkSize+12345)
-	for i := range src {
-		src[i] = byte(i * 7)
-	}
-	// A reader that returns odd-sized pieces, like a socket.
-	ra := newReadAhead(&pieces{b: src})
-	defer ra.Close()
-	got, err := io.ReadAll(ra)
-	if err != nil || !bytes.Equal(got, src) {
-		t.Fatalf("read %d bytes, err %v; equal %v", len(got), err, bytes.Equal(got, src))
-	}
-}
+// TestSinkBufferLoans: bytes filled into the memory Buffer lends and
+// passed to Data are written where they belong, in one write with their
+// neighbours; a loan that the next call does not use (or uses only in
+// part) leaves nothing of itself in the pending write.
+func TestSinkBufferLoans(t *testing.T) {
+	const size = 8 << 20
+	ct, p := disk(t, size, false)
+	s := NewSink(ct, SinkOptions{Size: size, KnownZeroFrom: size})
+	want := bytes.Repeat([]byte{0xAA}, size)
+	src := randomBytes(3, 3<<20)
 
-func TestReadAheadStops(t *testing.T) {
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	ra := newReadAhead(pr)
-	done := make(chan error, 1)
-	go func() {
-		_, err := ra.Read(make([]byte, 10))
-		done <- err
-	}()
-	ra.Close()
-	if err := <-done; err == nil {
-		t.Fatal("Read after Close returned no error")
+	// 64 KiB copied, then 1 MiB lent and filled in place.
+	if err := s.Data(0, src[:64<<10]); err != nil {
+		t.Fatal(err)
 	}
-}
-
-type pieces struct {
-	b []byte
-	n int
-}
-
-func (p *pieces) Read(b []byte) (int, error) {
-	if len(p.b) == 0 {
-		return 0, io.EOF
+	copy(want, src[:64<<10])
+	b := s.Buffer(64<<10, 1<<20)
+	if len(b) != 1<<20 {
+		t.Fatalf("lent %d bytes, want 1 MiB", len(b))
 	}
-	p.n++
-	k := min(len(b), len(p.b), 1+p.n*977%70000)
-	copy(b, p.b[:k])
-	p.b = p.b[k:]
-	return k, nil
+	copy(b, src[64<<10:])
+	copy(want[64<<10:], src[64<<10:64<<10+1<<20])
+	if err := s.Data(64<<10, b); err != nil {
+		t.Fatal(err)
+	}
+
+	// Lent, filled only in part: the rest of the loan is not written.
+	b = s.Buffer(64<<10+1<<20, 1<<20)
+	copy(b, bytes.Repeat([]byte{0x55}, len(b)))
+	if err := s.Data(64<<10+1<<20, b[:4096]); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[64<<10+1<<20:], bytes.Repeat([]byte{0x55}, 4096))
+
+	// Lent, then something else: the loan is taken back untouched.
+	b = s.Buffer(2<<20, 1<<20)
+	copy(b, bytes.Repeat([]byte{0x66}, len(b)))
+	if err := s.Zero(6<<20, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[6<<20 : 6<<20+64<<10])
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if ct.writes[0] != [2]int64{0, 64<<10 + 1<<20 + 4096} {
+		t.Fatalf("first write %v, want the copied and lent bytes in one", ct.writes[0])
+	}
+	// Outside the disk: no loan.
+	if b := s.Buffer(size, 4096); b != nil {
+		t.Fatalf("lent %d bytes past the end of the disk", len(b))
+	}
+	if b := s.Buffer(size-4096, 1<<20); len(b) != 4096 {
+		t.Fatalf("lent %d bytes for the last 4 KiB", len(b))
+	}
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := content(t, p); !bytes.Equal(got, want) {
+		t.Fatal("content differs")
+	}
 }
