@@ -98,5 +98,35 @@ func FuzzReader(f *testing.F) {
 		fuzzDecode(t, r, err)
 		r, err = NewReaderAt(bytes.NewReader(b), int64(len(b)), opts)
 		fuzzDecode(t, r, err)
+		fuzzLending(t, b, opts)
 	})
+}
+
+// fuzzLending decodes img as a stream into lent memory (DataBuffer): every
+// loan of a cluster or more must serve the very next extent.
+func fuzzLending(t *testing.T, img []byte, opts ReaderOptions) {
+	var loan []byte
+	var loanOff uint64
+	opts.DataBuffer = func(off uint64, n int) []byte {
+		loan, loanOff = make([]byte, n), off
+		return loan
+	}
+	r, err := NewReader(streamOnly{bytes.NewReader(img)}, opts)
+	if err != nil {
+		return
+	}
+	cs := 1 << r.Header().ClusterBits
+	for n := 0; n <= 1<<22; n++ {
+		e, err := r.Next()
+		if err != nil {
+			return
+		}
+		if loan != nil {
+			inLoan := e.Kind == ExtentData && e.Offset == loanOff && len(e.Data) > 0 && len(e.Data) <= len(loan) && &e.Data[0] == &loan[0]
+			if !inLoan && len(loan) >= cs {
+				t.Fatalf("a loan of %d bytes at %#x was followed by a %v extent at %#x", len(loan), loanOff, e.Kind, e.Offset)
+			}
+		}
+		loan = nil
+	}
 }

@@ -1124,14 +1124,15 @@ const lentBatch = 4 << 20
 
 // readRun reads the first clusters of the data run r: k of them into the
 // decoder's buffer or, for whole clusters when the caller lends memory
-// (DataBuffer), as many as fit there. No other extent is queued between
-// this read and the run's extent (the queue and the accumulator are empty
-// when advance runs), so the caller's memory is used for exactly the next
-// extent it receives.
-func (s *streamState) readRun(r run, k uint64) ([]byte, error) {
+// (DataBuffer), as many as fit there; lent says which. The queue and the
+// accumulator are empty when advance runs, so the run's extent is the
+// next one the caller receives, unless these bytes also finish compressed
+// clusters (advance then takes the bytes back).
+func (s *streamState) readRun(r run, k uint64) (b []byte, lent bool, err error) {
 	d := s.d
 	if s.lend == nil || r.mask != d.full {
-		return s.readData(k << d.cb)
+		b, err = s.readData(k << d.cb)
+		return b, false, err
 	}
 	want := min(r.n, max(uint64(lentBatch)>>d.cb, 1)) << d.cb
 	if end := d.h.Size - r.g<<d.cb; want > end {
@@ -1144,9 +1145,11 @@ func (s *streamState) readRun(r run, k uint64) ([]byte, error) {
 		dst = dst[:uint64(len(dst))&^(d.cs-1)] // whole clusters
 	}
 	if len(dst) == 0 {
-		return s.readData(k << d.cb)
+		b, err = s.readData(k << d.cb)
+		return b, false, err
 	}
-	return s.read(dst)
+	b, err = s.read(dst)
+	return b, true, err
 }
 
 // endEOF finishes the compressed clusters still collecting bytes when the
@@ -1235,12 +1238,21 @@ func (s *streamState) advance() error {
 		if r.mask != d.full {
 			k = 1
 		}
-		b, err := s.readRun(r, k)
+		b, lent, err := s.readRun(r, k)
 		if err != nil {
 			return err
 		}
 		if _, err := s.feed(p, b); err != nil {
 			return err
+		}
+		if lent && !s.q.empty() {
+			// Compressed clusters finished by these very bytes (a hostile
+			// image: they overlap the run) come out first, and a loan
+			// serves the next extent only: keep the bytes ourselves.
+			if uint64(cap(s.rbuf)) < uint64(len(b)) {
+				s.rbuf = make([]byte, len(b))
+			}
+			b = s.rbuf[:copy(s.rbuf[:len(b)], b)]
 		}
 		got := uint64(len(b)) >> d.cb
 		if rest := uint64(len(b)) - got<<d.cb; got < r.n && rest > 0 && rest >= d.needBytes(r.g+got, r.mask) {
