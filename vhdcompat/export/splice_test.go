@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
@@ -88,6 +89,25 @@ func TestSplicedDataPass(t *testing.T) {
 			if !bytes.Equal(<-got, want.Bytes()) {
 				t.Fatal("the spliced export into a pipe differs from the page-cache export")
 			}
+
+			// A socket, as xapi's HTTP connection: non-blocking, so that
+			// the writer also meets EAGAIN when the reader lags.
+			fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			syscall.SetNonblock(fds[0], true)
+			sock, peer := os.NewFile(uintptr(fds[0]), "sock"), os.NewFile(uintptr(fds[1]), "peer")
+			go func() { b, _ := io.ReadAll(peer); got <- b }()
+			err = exportTo(t, src, true, ext, sock)
+			sock.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(<-got, want.Bytes()) {
+				t.Fatal("the spliced export into a socket differs from the page-cache export")
+			}
+			peer.Close()
 
 			out := filepath.Join(t.TempDir(), "out.qcow2")
 			f, err := os.Create(out)
