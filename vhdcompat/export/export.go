@@ -468,16 +468,7 @@ func newCopier(src *rawdisk.Disk, out io.Writer) *copier {
 	return c
 }
 
-func (c *copier) zeros(n int64) error {
-	for n > 0 {
-		k := min(n, int64(len(zeroWindow)))
-		if _, err := c.out.Write(zeroWindow[:k]); err != nil {
-			return outputError(err)
-		}
-		n -= k
-	}
-	return nil
-}
+func (c *copier) zeros(n int64) error { return writeZeros(c.out, n) }
 
 func (c *copier) copy(off, n int64) error {
 	if c.sendfile {
