@@ -135,6 +135,7 @@ func (c *ServeCmd) Run(env *Env) error {
 		return err
 	}
 	opt.Progress = progress.Update
+	SpareProcForIO()
 	_, err = importer.Run(env.Ctx, opt)
 	progress.Finish(err == nil)
 	return err

@@ -297,6 +297,9 @@ func RunExport(env *Env, r *ExportRequest) error {
 		attrs = append(attrs, "base", r.Base.Path())
 	}
 	log.Info("export started", attrs...)
+	if r.Source.Direct() {
+		SpareProcForIO()
+	}
 	start := time.Now()
 	res, err := export.Run(env.Ctx, r.Out, export.Options{
 		Source: r.Source, Base: r.Base, ClusterBits: r.ClusterBits, RefcountOrder: r.RefcountOrder,

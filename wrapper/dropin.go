@@ -29,6 +29,7 @@ func (c *StreamDecodeCmd) Run(env *vhdcompat.Env) error {
 	if c.Path == "" {
 		return &vhdcompat.UsageError{Msg: "stream_decode: PATH is empty (give the raw file or block device to write)"}
 	}
+	vhdcompat.SpareProcForIO()
 	_, err := importer.Run(env.Ctx, importer.Options{
 		Source: env.Stdin, SourceName: "stdin", DestinationPath: c.Path, Delta: true, Log: env.Log,
 	})
