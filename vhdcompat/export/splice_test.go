@@ -79,17 +79,9 @@ func TestSplicedDataPass(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := make(chan []byte)
-			go func() { b, _ := io.ReadAll(r); got <- b }()
-			err = exportTo(t, src, true, ext, w)
-			w.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(<-got, want.Bytes()) {
+			if !bytes.Equal(exportThrough(t, src, ext, w, r), want.Bytes()) {
 				t.Fatal("the spliced export into a pipe differs from the page-cache export")
 			}
-
 			// A socket, as xapi's HTTP connection: non-blocking, so that
 			// the writer also meets EAGAIN when the reader lags.
 			fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
@@ -98,16 +90,9 @@ func TestSplicedDataPass(t *testing.T) {
 			}
 			syscall.SetNonblock(fds[0], true)
 			sock, peer := os.NewFile(uintptr(fds[0]), "sock"), os.NewFile(uintptr(fds[1]), "peer")
-			go func() { b, _ := io.ReadAll(peer); got <- b }()
-			err = exportTo(t, src, true, ext, sock)
-			sock.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(<-got, want.Bytes()) {
+			if !bytes.Equal(exportThrough(t, src, ext, sock, peer), want.Bytes()) {
 				t.Fatal("the spliced export into a socket differs from the page-cache export")
 			}
-			peer.Close()
 
 			out := filepath.Join(t.TempDir(), "out.qcow2")
 			f, err := os.Create(out)
@@ -123,6 +108,21 @@ func TestSplicedDataPass(t *testing.T) {
 			}
 		})
 	}
+}
+
+// exportThrough exports src (O_DIRECT) into w while reading r to its end,
+// and returns what r read; it closes both.
+func exportThrough(t *testing.T, src string, ext hints.Extents, w, r *os.File) []byte {
+	t.Helper()
+	defer r.Close()
+	got := make(chan []byte)
+	go func() { b, _ := io.ReadAll(r); got <- b }()
+	err := exportTo(t, src, true, ext, w)
+	w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return <-got
 }
 
 // TestSplicedShrink: a source that ends early under the lanes' reads is
