@@ -301,7 +301,7 @@ func (e *exporter) drain(w *qcow.Writer, out *os.File, order <-chan piece) error
 // widening O_DIRECT reads to the alignment.
 func (e *exporter) copyThrough(out io.Writer, buf []byte, off, n int64) error {
 	for n > 0 {
-		k := min(n, int64(len(buf)/2))
+		k := min(n, int64(len(buf)))
 		if err := readMasked(e.opt.Source, e.srcExt, buf[:k], off); err != nil {
 			return err
 		}
