@@ -460,7 +460,7 @@ func newCopier(src *rawdisk.Disk, out io.Writer) *copier {
 	if f, ok := out.(*os.File); ok {
 		// A large pipe helps writes too: each wakeup of the reader
 		// moves 1 MiB instead of 64 KiB.
-		growPipe(f)
+		rawdisk.GrowPipe(f, pipeSize)
 		if !src.Direct() {
 			c.outFile, c.sendfile = f, true
 		}

@@ -16,15 +16,6 @@ var errNoSendfile = errors.New("sendfile not supported between these files")
 // faster (measured, see docs/PERFORMANCE.md).
 const pipeSize = 1 << 20
 
-// growPipe enlarges the output pipe, if it is one. Failure is harmless
-// (an unprivileged user is capped by /proc/sys/fs/pipe-max-size).
-func growPipe(f *os.File) {
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFIFO {
-		unix.FcntlInt(f.Fd(), unix.F_SETPIPE_SZ, pipeSize)
-	}
-}
-
 // sendfile copies n bytes at off of src to out in the kernel. It returns
 // errNoSendfile (with nothing copied) when the pair is not supported, and a
 // "disk shrank" error when the source ends early.

@@ -13,7 +13,6 @@ import (
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
-	"golang.org/x/sys/unix"
 )
 
 // Options describe one import.
@@ -229,19 +228,11 @@ func openReader(ctx context.Context, opt Options, lend func(off uint64, n int) [
 			return qcow.NewReaderAt(io.NewSectionReader(f, pos, size), size, ropts)
 		}
 	}
-	growInputPipe(f)
+	rawdisk.GrowPipe(f, inputPipeSize)
 	ropts.DataBuffer = lend
 	// A read blocked on a silent sender is not interrupted by a signal:
 	// the command line ends the run after a grace period (wrapper).
 	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, f}, streamBuffer), ropts)
-}
-
-// growInputPipe enlarges the pipe we read from, if it is one.
-func growInputPipe(f *os.File) {
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFIFO {
-		unix.FcntlInt(f.Fd(), unix.F_SETPIPE_SZ, inputPipeSize)
-	}
 }
 
 // ctxReader stops reading once the context is cancelled (SIGTERM).
