@@ -485,31 +485,18 @@ func (c *copier) copy(off, n int64) error {
 	if c.buf == nil {
 		c.buf = rawdisk.AlignedBuffer(window)
 	}
+	// Only a page-cache source gets here (copyData sends O_DIRECT sources
+	// through the lanes or the ring): plain reads, no alignment.
 	for n > 0 {
 		k := min(n, int64(len(c.buf)))
-		// Direct reads need aligned offsets: read around the range.
-		aoff := off
-		if c.src.Direct() {
-			aoff = off &^ (rawdisk.Alignment - 1)
-		}
-		lead := off - aoff
-		k = min(k, int64(len(c.buf))-lead)
-		rn := lead + k
-		if c.src.Direct() {
-			rn = (rn + rawdisk.Alignment - 1) &^ (rawdisk.Alignment - 1)
-			if rn > int64(len(c.buf)) {
-				rn -= rawdisk.Alignment
-				k = rn - lead
-			}
-		}
-		got, err := c.src.ReadAt(c.buf[:rn], aoff)
+		got, err := c.src.ReadAt(c.buf[:k], off)
 		if err != nil && err != io.EOF {
 			return err
 		}
-		if int64(got) < lead+k {
-			return &rawdisk.DiskError{Path: c.src.Path(), Op: "read", Err: fmt.Errorf("disk shrank: it ends at %d, it was %d bytes when the export started", aoff+int64(got), c.src.Size())}
+		if int64(got) < k {
+			return errShrank(c.src, off+int64(got))
 		}
-		if _, err := c.out.Write(c.buf[lead : lead+k]); err != nil {
+		if _, err := c.out.Write(c.buf[:k]); err != nil {
 			return outputError(err)
 		}
 		off += k
