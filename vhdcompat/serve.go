@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/importer"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
 
 // ServeCmd is `serve`: import a qcow2 stream into a raw disk.
@@ -66,7 +67,7 @@ func (c *ServeCmd) Run(env *Env) error {
 	}
 	opt := importer.Options{
 		DestinationSize: c.DestinationSize, Direct: c.Direct, Delta: c.Delta, Prezeroed: c.Prezeroed,
-		MaxBuffered: c.MaxBuffer, Log: env.Log,
+		MaxBuffered: c.MaxBuffer,
 	}
 
 	switch {
@@ -93,7 +94,7 @@ func (c *ServeCmd) Run(env *Env) error {
 		case "file":
 			f, err := os.Open(ep.Path)
 			if err != nil {
-				return fmt.Errorf("source %s: %w", ep.Path, unwrapPath(err))
+				return fmt.Errorf("source %s: %w", ep.Path, rawdisk.WithoutPath(err))
 			}
 			defer f.Close()
 			opt.Source, opt.SourceName = f, ep.Path
@@ -130,13 +131,29 @@ func (c *ServeCmd) Run(env *Env) error {
 		}
 	}
 
-	progress, err := c.ProgressFlags.Reporter(env, false)
+	return Import(env, opt, c.ProgressFlags)
+}
+
+// Import runs the import opt describes, with the progress the flags ask
+// for; `serve` and qcow-stream-tool's stream_decode call it.
+func Import(env *Env, opt importer.Options, p ProgressFlags) error {
+	progress, err := p.Reporter(env, false)
 	if err != nil {
 		return err
 	}
 	opt.Progress = progress.Update
+	opt.Log = env.Log
 	SpareProcForIO()
 	_, err = importer.Run(env.Ctx, opt)
 	progress.Finish(err == nil)
 	return err
+}
+
+// StreamDecode is qcow-stream-tool's stream_decode: the image on stdin
+// into the raw disk at path, leaving what it does not allocate untouched.
+func StreamDecode(env *Env, path string) error {
+	if path == "" {
+		return &UsageError{"stream_decode: PATH is empty (give the raw file or block device to write)"}
+	}
+	return Import(env, importer.Options{Source: env.Stdin, SourceName: "stdin", DestinationPath: path, Delta: true}, ProgressFlags{})
 }

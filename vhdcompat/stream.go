@@ -1,17 +1,9 @@
 package vhdcompat
 
 import (
-	"context"
-	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"math/bits"
 	"os"
-	"time"
 
-	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/export"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
@@ -58,32 +50,8 @@ Examples:
       --tar-filename-prefix "" --progress --machine --direct --path /dev/mapper:.`
 }
 
-// ExportRequest is a fully resolved export, shared by `stream` and the
-// qcow2-to-stdout drop-in so that both produce the same bytes.
-type ExportRequest struct {
-	Source, Base        *rawdisk.Disk
-	Out                 *os.File
-	OutName             string
-	ClusterBits         uint32
-	RefcountOrder       uint32
-	BackingFile         string
-	SourceExtents       hints.Extents
-	BaseExtents         hints.Extents
-	Changed             *bitmap.Bitmap
-	Progress            func(done, total uint64)
-	RefuseTerminal      bool
-	OutputCarriesStream bool
-}
-
-// PowerOfTwo returns log2(v) when v is a power of two within [lo, hi].
-func PowerOfTwo(what string, v, lo, hi uint64) (uint32, error) {
-	if v < lo || v > hi || v&(v-1) != 0 {
-		return 0, &UsageError{fmt.Sprintf("%s %d must be a power of two from %d to %d", what, v, lo, hi)}
-	}
-	return uint32(bits.TrailingZeros64(v)), nil
-}
-
-// Run executes the stream command.
+// Run executes the stream command: it translates the flags into an
+// ExportRequest.
 func (c *StreamCmd) Run(env *Env) error {
 	if c.SourceProtocol != "none" {
 		return &UsageError{fmt.Sprintf("--source-protocol %s is not supported (supported: none)", c.SourceProtocol)}
@@ -94,247 +62,105 @@ func (c *StreamCmd) Run(env *Env) error {
 	if c.DestinationFormat != "qcow2" {
 		return &UsageError{fmt.Sprintf("--destination-format %s is not supported (supported: qcow2)", c.DestinationFormat)}
 	}
-	clusterBits, err := PowerOfTwo("--cluster-size", c.ClusterSize, 512, 2<<20)
-	if err != nil {
+	req := &ExportRequest{
+		Base: c.RelativeTo, Direct: c.Direct,
+		ClusterSize: c.ClusterSize, ClusterSizeFlag: "--cluster-size",
+		RefcountBits: c.RefcountBits, RefcountBitsFlag: "--refcount-bits",
+		BackingFile: c.BackingFile, RefuseTerminal: true, Progress: c.ProgressFlags,
+		OpenOut: func() (*os.File, string, error) { return c.openDestination(env) },
+	}
+	if err := c.hints(req); err != nil {
 		return err
 	}
-	refOrder, err := PowerOfTwo("--refcount-bits", c.RefcountBits, 1, 64)
-	if err != nil {
-		return err
-	}
-	req := &ExportRequest{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: c.BackingFile, RefuseTerminal: true}
-	defer req.Close()
-
-	srcPath := c.Source
 	switch {
 	case c.SourceFD != nil:
 		f, err := FDFile(*c.SourceFD, "--source-fd")
 		if err != nil {
 			return err
 		}
-		if req.Source, err = rawdisk.FromFileDirect(f, f.Name(), c.Direct); err != nil {
-			return err
-		}
-	case srcPath == "":
+		req.SourceFile = f
+	case c.Source == "":
 		return &UsageError{"--source is required (a path, file://PATH or fd://N)"}
 	default:
-		ep, err := ParseEndpoint(srcPath)
+		ep, err := ParseEndpoint(c.Source)
 		if err != nil {
 			return err
 		}
 		switch ep.Kind {
 		case "file":
-			if req.Source, err = rawdisk.Open(ep.Path, c.Direct); err != nil {
-				return err
-			}
+			req.Source = ep.Path
 		case "fd":
-			f, err := FDFile(ep.FD, "--source")
-			if err != nil {
-				return err
-			}
-			if req.Source, err = rawdisk.FromFileDirect(f, f.Name(), c.Direct); err != nil {
+			if req.SourceFile, err = FDFile(ep.FD, "--source"); err != nil {
 				return err
 			}
 		case "stdin":
-			// A disk redirected onto stdin; a pipe is refused by rawdisk.
-			if req.Source, err = rawdisk.FromFile(env.Stdin, "stdin"); err != nil {
-				return err
-			}
+			req.SourceFile = env.Stdin
 		default:
-			return &UsageError{fmt.Sprintf("--source %s: a raw disk must be a file, a block device or a descriptor", srcPath)}
+			return &UsageError{fmt.Sprintf("--source %s: a raw disk must be a file, a block device or a descriptor", c.Source)}
 		}
 	}
-	if c.RelativeTo != "" {
-		if req.Base, err = rawdisk.Open(c.RelativeTo, c.Direct); err != nil {
-			return fmt.Errorf("base %w", err)
+	return Export(env, req)
+}
+
+// hints puts the hint flags into req, refusing what does not go together.
+func (c *StreamCmd) hints(req *ExportRequest) error {
+	if c.AllocationHeader != "" && (c.AllocationMap != "" || c.AllocationInfo != "") {
+		return &UsageError{"--allocation-header replaces --allocation-map and --allocation-info: give one or the other"}
+	}
+	if c.BaseAllocHeader != "" && (c.BaseAllocationMap != "" || c.BaseAllocationInfo != "") {
+		return &UsageError{"--base-allocation-header replaces --base-allocation-map and --base-allocation-info: give one or the other"}
+	}
+	h := &req.Hints
+	h.Source.Info = hints.Source{Flag: "--allocation-info", Spec: c.AllocationInfo}
+	h.Source.Map = hints.Source{Flag: "--allocation-map", Spec: c.AllocationMap}
+	h.Source.Header = hints.Source{Flag: "--allocation-header", Spec: c.AllocationHeader}
+	h.Base.Info = hints.Source{Flag: "--base-allocation-info", Spec: c.BaseAllocationInfo}
+	h.Base.Map = hints.Source{Flag: "--base-allocation-map", Spec: c.BaseAllocationMap}
+	h.Base.Header = hints.Source{Flag: "--base-allocation-header", Spec: c.BaseAllocHeader}
+	h.ChangedBlocks = hints.Source{Flag: "--changed-blocks", Spec: c.ChangedBlocks}
+	if c.RelativeTo == "" {
+		for _, s := range []hints.Source{h.Base.Info, h.Base.Map, h.Base.Header} {
+			if s.Given() {
+				return &UsageError{s.Flag + " needs --relative-to"}
+			}
 		}
 	}
-	if err := c.loadHints(req); err != nil {
-		return err
-	}
-	// The destination last: a file destination is truncated when opened,
-	// so every check of the source comes first. Nothing is read or written
-	// before RunExport has refused a terminal.
-	switch {
-	case c.DestinationFD != nil:
+	return nil
+}
+
+// openDestination opens the stream's destination. Export calls it last: a
+// file destination is truncated when opened, so every check of the source
+// comes first. Nothing is read or written before a terminal is refused.
+func (c *StreamCmd) openDestination(env *Env) (*os.File, string, error) {
+	if c.DestinationFD != nil {
 		f, err := FDFile(*c.DestinationFD, "--destination-fd")
 		if err != nil {
-			return err
+			return nil, "", err
 		}
-		req.Out, req.OutName = f, f.Name()
-	default:
-		ep, err := ParseEndpoint(c.Destination)
-		if err != nil {
-			return err
-		}
-		switch ep.Kind {
-		case "stdout":
-			req.Out, req.OutName = env.Stdout, "stdout"
-		case "null":
-			f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-			if err != nil {
-				return err
-			}
-			req.Out, req.OutName, req.RefuseTerminal = f, "null:", false
-		case "fd":
-			f, err := FDFile(ep.FD, "--destination")
-			if err != nil {
-				return err
-			}
-			req.Out, req.OutName = f, f.Name()
-		case "file":
-			f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-			if err != nil {
-				return fmt.Errorf("destination %s: %w", ep.Path, unwrapPath(err))
-			}
-			req.Out, req.OutName = f, ep.Path
-		default:
-			return &UsageError{fmt.Sprintf("--destination %s is not a place to write to", c.Destination)}
-		}
+		return f, f.Name(), nil
 	}
-	req.OutputCarriesStream = req.Out == env.Stdout || req.Out.Fd() == 1
-
-	progress, err := c.ProgressFlags.Reporter(env, req.OutputCarriesStream)
+	ep, err := ParseEndpoint(c.Destination)
 	if err != nil {
-		return err
+		return nil, "", err
 	}
-	req.Progress = progress.Update
-	err = RunExport(env, req)
-	progress.Finish(err == nil)
-	return err
+	switch ep.Kind {
+	case "stdout":
+		return env.Stdout, "stdout", nil
+	case "null":
+		f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		return f, "null:", err
+	case "fd":
+		f, err := FDFile(ep.FD, "--destination")
+		if err != nil {
+			return nil, "", err
+		}
+		return f, f.Name(), nil
+	case "file":
+		f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			return nil, "", fmt.Errorf("destination %s: %w", ep.Path, rawdisk.WithoutPath(err))
+		}
+		return f, ep.Path, nil
+	}
+	return nil, "", &UsageError{fmt.Sprintf("--destination %s is not a place to write to", c.Destination)}
 }
-
-func (c *StreamCmd) loadHints(req *ExportRequest) error {
-	if c.AllocationInfo != "" {
-		info, err := hints.LoadInfo(c.AllocationInfo)
-		if err != nil {
-			return err
-		}
-		if info.ClusterBits != 0 {
-			req.ClusterBits = info.ClusterBits
-		}
-	}
-	if c.AllocationMap != "" {
-		ext, err := hints.LoadMap(c.AllocationMap, req.Source.Size())
-		if err != nil {
-			return err
-		}
-		req.SourceExtents = ext
-	}
-	if c.AllocationHeader != "" {
-		if c.AllocationMap != "" || c.AllocationInfo != "" {
-			return &UsageError{"--allocation-header replaces --allocation-map and --allocation-info: give one or the other"}
-		}
-		l, err := hints.LoadLegacy(c.AllocationHeader)
-		if err != nil {
-			return err
-		}
-		req.ClusterBits, req.SourceExtents = l.ClusterBits, l.Extents
-	}
-	if c.BaseAllocationInfo != "" {
-		if req.Base == nil {
-			return &UsageError{"--base-allocation-info needs --relative-to"}
-		}
-		if _, err := hints.LoadInfo(c.BaseAllocationInfo); err != nil {
-			return fmt.Errorf("base %w", err)
-		}
-	}
-	if c.BaseAllocHeader != "" {
-		if req.Base == nil {
-			return &UsageError{"--base-allocation-header needs --relative-to"}
-		}
-		l, err := hints.LoadLegacy(c.BaseAllocHeader)
-		if err != nil {
-			return fmt.Errorf("base %w", err)
-		}
-		req.BaseExtents = l.Extents
-	}
-	if c.BaseAllocationMap != "" {
-		if req.Base == nil {
-			return &UsageError{"--base-allocation-map needs --relative-to"}
-		}
-		ext, err := hints.LoadMap(c.BaseAllocationMap, req.Base.Size())
-		if err != nil {
-			return err
-		}
-		req.BaseExtents = ext
-	}
-	if c.ChangedBlocks != "" {
-		cs := uint64(1) << req.ClusterBits
-		clusters := (uint64(req.Source.Size()) + cs - 1) / cs
-		bm, err := hints.LoadChangedBlocks(c.ChangedBlocks, req.ClusterBits, clusters)
-		if err != nil {
-			return err
-		}
-		req.Changed = bm
-	}
-	return nil
-}
-
-// Close releases the request's files.
-func (r *ExportRequest) Close() {
-	if r.Source != nil {
-		r.Source.Close()
-	}
-	if r.Base != nil {
-		r.Base.Close()
-	}
-}
-
-// RunExport checks the output and runs the export, logging its start and
-// end.
-func RunExport(env *Env, r *ExportRequest) error {
-	if r.RefuseTerminal && IsTerminal(r.Out) {
-		return fmt.Errorf("refusing to write a qcow2 image to a terminal (%s): redirect it to a file or a pipe", r.OutName)
-	}
-	log := env.Log
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	attrs := []any{"source", r.Source.Path(), "destination", r.OutName, "virtual_size", r.Source.Size(),
-		"cluster_size", uint64(1) << r.ClusterBits}
-	if r.Base != nil {
-		attrs = append(attrs, "base", r.Base.Path())
-	}
-	log.Info("export started", attrs...)
-	if r.Source.Direct() {
-		SpareProcForIO()
-	}
-	start := time.Now()
-	res, err := export.Run(env.Ctx, r.Out, export.Options{
-		Source: r.Source, Base: r.Base, ClusterBits: r.ClusterBits, RefcountOrder: r.RefcountOrder,
-		BackingFile: r.BackingFile, SourceExtents: r.SourceExtents, BaseExtents: r.BaseExtents,
-		Changed: r.Changed, Progress: r.Progress,
-	})
-	if err != nil {
-		var oe *export.OutputError
-		if errors.As(err, &oe) {
-			return fmt.Errorf("export of %s: writing to %s: %w", r.Source.Path(), r.OutName, oe.Err)
-		}
-		if errors.Is(err, env.Ctx.Err()) && env.Ctx.Err() != nil {
-			return fmt.Errorf("export of %s: interrupted: %w", r.Source.Path(), context.Cause(env.Ctx))
-		}
-		return fmt.Errorf("export of %s: %w", r.Source.Path(), err)
-	}
-	log.Info("export finished", append(attrs, "data_clusters", res.Layout.DataClusters,
-		"bytes_written", res.Layout.Size(), "elapsed_ms", time.Since(start).Milliseconds())...)
-	if r.Out != nil && r.Out.Fd() > 2 {
-		// A file destination: make it durable before saying success.
-		if st, err := r.Out.Stat(); err == nil && st.Mode().IsRegular() {
-			if err := r.Out.Sync(); err != nil {
-				return fmt.Errorf("export of %s: fsync %s: %w", r.Source.Path(), r.OutName, err)
-			}
-		}
-	}
-	return nil
-}
-
-func unwrapPath(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
-}
-
-var _ io.Writer = (*os.File)(nil)

@@ -5,6 +5,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
 
 // Endpoint is a parsed vhd-tool source or destination: stdin:, stdout:,
@@ -48,12 +50,9 @@ func ParseEndpoint(s string) (Endpoint, error) {
 // is open. flag names the option that gave it, for errors; the file's Name
 // is "fd N", which messages use for it.
 func FDFile(fd int, flag string) (*os.File, error) {
-	f := os.NewFile(uintptr(fd), fmt.Sprintf("fd %d", fd))
-	if f == nil {
-		return nil, fmt.Errorf("%s: descriptor %d is not valid", flag, fd)
-	}
-	if _, err := f.Stat(); err != nil {
-		return nil, fmt.Errorf("%s: descriptor %d is not open", flag, fd)
+	f, err := rawdisk.Inherited(fd)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
 	}
 	return f, nil
 }

@@ -2,7 +2,6 @@ package wrapper
 
 import (
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/importer"
 )
 
 // Qcow2ToStdoutCmd is the reference exporter's command line
@@ -26,12 +25,5 @@ type StreamDecodeCmd struct {
 
 // Run executes stream_decode.
 func (c *StreamDecodeCmd) Run(env *vhdcompat.Env) error {
-	if c.Path == "" {
-		return &vhdcompat.UsageError{Msg: "stream_decode: PATH is empty (give the raw file or block device to write)"}
-	}
-	vhdcompat.SpareProcForIO()
-	_, err := importer.Run(env.Ctx, importer.Options{
-		Source: env.Stdin, SourceName: "stdin", DestinationPath: c.Path, Delta: true, Log: env.Log,
-	})
-	return err
+	return vhdcompat.StreamDecode(env, c.Path)
 }

@@ -7,7 +7,6 @@ import (
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
 
 // Help is shown by --help (from kong before the input path, from our own
@@ -95,7 +94,7 @@ func parseDropinArgs(args []string) (*dropinArgs, error) {
 		case dropinValueOptions[name]:
 			if !hasValue {
 				if i+1 >= len(args) {
-					return nil, &vhdcompat.UsageError{Msg: name + " needs a value"}
+					return nil, usage("%s needs a value", name)
 				}
 				i++
 				value = args[i]
@@ -106,16 +105,16 @@ func parseDropinArgs(args []string) (*dropinArgs, error) {
 		case dropinFlags[name] && !hasValue:
 			switch name {
 			case "-d":
-				return nil, &vhdcompat.UsageError{Msg: "-d (input as an external data file) is not supported: export without it"}
+				return nil, usage("-d (input as an external data file) is not supported: export without it")
 			case "-R":
-				return nil, &vhdcompat.UsageError{Msg: "-R (raw external data file) is not supported: export without it"}
+				return nil, usage("-R (raw external data file) is not supported: export without it")
 			case "-h", "--help":
 				a.help = true
 			case "--json-header":
 				a.legacyHeader = true
 			}
 		default:
-			return nil, &vhdcompat.UsageError{Msg: fmt.Sprintf("unknown option %s (see --help)", arg)}
+			return nil, usage("unknown option %s (see --help)", arg)
 		}
 	}
 	if a.help {
@@ -123,9 +122,9 @@ func parseDropinArgs(args []string) (*dropinArgs, error) {
 	}
 	switch {
 	case len(positional) == 0:
-		return nil, &vhdcompat.UsageError{Msg: "missing the input path (a block device or a raw file)"}
+		return nil, usage("missing the input path (a block device or a raw file)")
 	case len(positional) > 1:
-		return nil, &vhdcompat.UsageError{Msg: fmt.Sprintf("unexpected argument %s: only one input path", positional[1])}
+		return nil, usage("unexpected argument %s: only one input path", positional[1])
 	}
 	a.input = positional[0]
 	if a.base == "" {
@@ -133,27 +132,32 @@ func parseDropinArgs(args []string) (*dropinArgs, error) {
 			{"--json-header-diff-map", a.baseMapFD}, {"--json-header-diff-info", a.baseInfoFD}, {"--json-header-diff", a.legacyBaseFD},
 		} {
 			if o.v != "" {
-				return nil, &vhdcompat.UsageError{Msg: o.name + " needs --diff"}
+				return nil, usage("%s needs --diff", o.name)
 			}
 		}
 	}
 	if a.legacyHeader && (a.mapFD != "" || a.infoFD != "") {
-		return nil, &vhdcompat.UsageError{Msg: "--json-header cannot be combined with --json-header-map or --json-header-info"}
+		return nil, usage("--json-header cannot be combined with --json-header-map or --json-header-info")
 	}
 	if a.legacyBaseFD != "" && (a.baseMapFD != "" || a.baseInfoFD != "") {
-		return nil, &vhdcompat.UsageError{Msg: "--json-header-diff cannot be combined with --json-header-diff-map or --json-header-diff-info"}
+		return nil, usage("--json-header-diff cannot be combined with --json-header-diff-map or --json-header-diff-info")
 	}
 	return a, nil
 }
 
+// usage is a bad command line: exit status 2.
+func usage(format string, args ...any) error {
+	return &vhdcompat.UsageError{Msg: fmt.Sprintf(format, args...)}
+}
+
 func (a *dropinArgs) set(name, value string) error {
 	if value == "" {
-		return &vhdcompat.UsageError{Msg: name + " needs a value"}
+		return usage("%s needs a value", name)
 	}
 	number := func() (uint64, error) {
 		v, err := strconv.ParseUint(value, 10, 64)
 		if err != nil {
-			return 0, &vhdcompat.UsageError{Msg: fmt.Sprintf("%s %s: not a number", name, value)}
+			return 0, usage("%s %s: not a number", name, value)
 		}
 		return v, nil
 	}
@@ -179,8 +183,9 @@ func (a *dropinArgs) set(name, value string) error {
 	return err
 }
 
-// runQcow2ToStdout runs the drop-in export: it resolves the command line
-// into the same ExportRequest `stream` builds, so the bytes are the same.
+// runQcow2ToStdout runs the drop-in export: it translates the command
+// line into the same ExportRequest `stream` builds, so the bytes are the
+// same.
 func runQcow2ToStdout(env *vhdcompat.Env, args []string) error {
 	a, err := parseDropinArgs(args)
 	if err != nil {
@@ -190,112 +195,20 @@ func runQcow2ToStdout(env *vhdcompat.Env, args []string) error {
 		fmt.Fprintf(env.Stdout, "Usage: qcow2-to-stdout INPUT [options]\n\n%s\n", qcow2ToStdoutHelp)
 		return nil
 	}
-	clusterBits, err := vhdcompat.PowerOfTwo("-c", a.clusterSize, 512, 2<<20)
-	if err != nil {
-		return err
-	}
-	refOrder, err := vhdcompat.PowerOfTwo("-r", a.refcountBits, 1, 64)
-	if err != nil {
-		return err
-	}
 	req := &vhdcompat.ExportRequest{
-		ClusterBits: clusterBits, RefcountOrder: refOrder,
-		Out: env.Stdout, OutName: "stdout", RefuseTerminal: true, OutputCarriesStream: true,
+		Source: a.input, Base: a.base,
+		ClusterSize: a.clusterSize, ClusterSizeFlag: "-c",
+		RefcountBits: a.refcountBits, RefcountBitsFlag: "-r",
+		Out: env.Stdout, OutName: "stdout", RefuseTerminal: true,
 	}
-	defer req.Close()
-	// The terminal check comes before anything is read, as the reference
-	// does; RunExport checks again.
-	if vhdcompat.IsTerminal(env.Stdout) {
-		return fmt.Errorf("refusing to write a qcow2 image to a terminal (stdout): redirect it to a file or a pipe")
-	}
-	if req.Source, err = rawdisk.Open(a.input, false); err != nil {
-		return err
-	}
-	if a.base != "" {
-		if req.Base, err = rawdisk.Open(a.base, false); err != nil {
-			return fmt.Errorf("base %w", err)
-		}
-	}
-	if err := a.loadHints(env, req); err != nil {
-		return err
-	}
-	return vhdcompat.RunExport(env, req)
-}
-
-// loadHints applies the descriptors' hints to the request, as `stream`
-// does with --allocation-map/--allocation-info/--allocation-header and
-// their --base-* forms.
-func (a *dropinArgs) loadHints(env *vhdcompat.Env, req *vhdcompat.ExportRequest) error {
-	srcSize := req.Source.Size()
-	if a.infoFD != "" {
-		info, err := hints.LoadInfo(a.infoFD)
-		if err != nil {
-			return fmt.Errorf("--json-header-info: %w", err)
-		}
-		if err := checkHintSize("--json-header-info", info.VirtualSize, req.Source); err != nil {
-			return err
-		}
-		if info.ClusterBits != 0 {
-			req.ClusterBits = info.ClusterBits
-		}
-	}
-	if a.mapFD != "" {
-		ext, err := hints.LoadMap(a.mapFD, srcSize)
-		if err != nil {
-			return fmt.Errorf("--json-header-map: %w", err)
-		}
-		req.SourceExtents = ext
-	}
+	h := &req.Hints
+	h.Source.Info = hints.Source{Flag: "--json-header-info", Spec: a.infoFD}
+	h.Source.Map = hints.Source{Flag: "--json-header-map", Spec: a.mapFD}
 	if a.legacyHeader {
-		l, err := hints.ParseLegacy(env.Stdin)
-		if err != nil {
-			return fmt.Errorf("--json-header on stdin: %w", err)
-		}
-		if err := checkHintSize("--json-header", l.VirtualSize, req.Source); err != nil {
-			return err
-		}
-		req.ClusterBits, req.SourceExtents = l.ClusterBits, l.Extents
+		h.Source.Header = hints.Source{Flag: "--json-header", Reader: env.Stdin}
 	}
-	if req.Base == nil {
-		return nil
-	}
-	if a.baseInfoFD != "" {
-		info, err := hints.LoadInfo(a.baseInfoFD)
-		if err != nil {
-			return fmt.Errorf("--json-header-diff-info: %w", err)
-		}
-		if err := checkHintSize("--json-header-diff-info", info.VirtualSize, req.Base); err != nil {
-			return err
-		}
-	}
-	if a.baseMapFD != "" {
-		ext, err := hints.LoadMap(a.baseMapFD, req.Base.Size())
-		if err != nil {
-			return fmt.Errorf("--json-header-diff-map: %w", err)
-		}
-		req.BaseExtents = ext
-	}
-	if a.legacyBaseFD != "" {
-		l, err := hints.LoadLegacy(a.legacyBaseFD)
-		if err != nil {
-			return fmt.Errorf("--json-header-diff: %w", err)
-		}
-		if err := checkHintSize("--json-header-diff", l.VirtualSize, req.Base); err != nil {
-			return err
-		}
-		// The base's clusters are byte ranges here: a base hinted in
-		// another cluster size compares just as well.
-		req.BaseExtents = l.Extents
-	}
-	return nil
-}
-
-// checkHintSize refuses hints that describe a larger disk than the one we
-// read: they do not belong to it. A smaller one is fine (a logical volume
-// is rounded up to its extent size); what lies past it reads as zero.
-func checkHintSize(opt string, hinted int64, d *rawdisk.Disk) error {
-	if hinted > (d.Size()+511)&^511 {
-		return fmt.Errorf("%s: the image is %d bytes but %s is only %d bytes: the hints are for another disk", opt, hinted, d.Path(), d.Size())
-	}
-	return nil
+	h.Base.Info = hints.Source{Flag: "--json-header-diff-info", Spec: a.baseInfoFD}
+	h.Base.Map = hints.Source{Flag: "--json-header-diff-map", Spec: a.baseMapFD}
+	h.Base.Header = hints.Source{Flag: "--json-header-diff", Spec: a.legacyBaseFD}
+	return vhdcompat.Export(env, req)
 }

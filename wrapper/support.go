@@ -4,14 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"strings"
 
 	"github.com/alecthomas/kong"
-	"golang.org/x/sys/unix"
 
-	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
 )
 
@@ -24,68 +21,6 @@ type outputFlag struct {
 	Output string `enum:"human,json" default:"human" help:"Output format: human or json (the field names of qemu-img's --output=json)."`
 }
 
-// input is an opened file to inspect.
-type input struct {
-	f    *os.File
-	size int64
-}
-
-// openInput opens path read-only and finds its size (block devices have a
-// zero st_size: seek to their end instead).
-func openInput(path string) (*input, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if fi.IsDir() {
-		f.Close()
-		return nil, fmt.Errorf("%s: is a directory", path)
-	}
-	size := fi.Size()
-	if fi.Mode()&os.ModeDevice != 0 {
-		if size, err = f.Seek(0, io.SeekEnd); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("%s: finding the size: %w", path, err)
-		}
-	}
-	return &input{f: f, size: size}, nil
-}
-
-// DataAt reports whether off is in data or in a hole of the file, and where
-// that run ends (SEEK_DATA / SEEK_HOLE).
-func (in *input) DataAt(off, end int64) (bool, int64, error) {
-	fd := int(in.f.Fd())
-	data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-	if err == unix.ENXIO { // no data at or after off: a hole to the end
-		return false, end, nil
-	}
-	if err != nil {
-		return true, end, err
-	}
-	if data > off {
-		return false, min(data, end), nil
-	}
-	hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
-	if err != nil {
-		return true, end, err
-	}
-	return true, min(hole, end), nil
-}
-
-// AllocatedBytes is the space the file takes on its file system.
-func (in *input) AllocatedBytes() (int64, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(in.f.Fd()), &st); err != nil {
-		return 0, err
-	}
-	return st.Blocks * 512, nil
-}
-
 // writeJSON prints v indented, as qemu-img does.
 func writeJSON(w io.Writer, v any) error {
 	b, err := json.MarshalIndent(v, "", "    ")
@@ -94,14 +29,6 @@ func writeJSON(w io.Writer, v any) error {
 	}
 	_, err = w.Write(append(b, '\n'))
 	return err
-}
-
-// inputName is how messages and reports name a path.
-func inputName(path string) string {
-	if path == "-" {
-		return "stdin"
-	}
-	return path
 }
 
 // InfoCmd describes an image.
@@ -126,20 +53,9 @@ Examples:
 
 // Run executes info.
 func (c *InfoCmd) Run(env *vhdcompat.Env) error {
-	var info *inspect.Info
-	var err error
-	if c.Path == "-" {
-		info, err = inspect.InfoStream(env.Stdin)
-	} else {
-		var in *input
-		if in, err = openInput(c.Path); err != nil {
-			return fmt.Errorf("info: %w", err)
-		}
-		defer in.f.Close()
-		info, err = inspect.InfoFile(in.f, in.size)
-	}
+	info, err := vhdcompat.Info(env, c.Path)
 	if err != nil {
-		return fmt.Errorf("info: %s: %w", inputName(c.Path), err)
+		return err
 	}
 	info.Filename = c.Path
 	if c.Output == "json" {
@@ -172,20 +88,9 @@ Examples:
 
 // Run executes map.
 func (c *MapCmd) Run(env *vhdcompat.Env) error {
-	var m []inspect.MapEntry
-	var err error
-	if c.Path == "-" {
-		m, err = inspect.MapStream(env.Stdin)
-	} else {
-		var in *input
-		if in, err = openInput(c.Path); err != nil {
-			return fmt.Errorf("map: %w", err)
-		}
-		defer in.f.Close()
-		m, err = inspect.MapFile(in.f, in.size, in)
-	}
+	m, err := vhdcompat.Map(env, c.Path)
 	if err != nil {
-		return fmt.Errorf("map: %s: %w", inputName(c.Path), err)
+		return err
 	}
 	if c.Output == "json" {
 		// qemu-img's layout: one extent per line.
@@ -258,20 +163,9 @@ Examples:
 
 // Run executes check.
 func (c *CheckCmd) Run(env *vhdcompat.Env) error {
-	var res *inspect.CheckResult
-	var err error
-	if c.Path == "-" {
-		res, err = inspect.CheckStream(env.Stdin)
-	} else {
-		var in *input
-		if in, err = openInput(c.Path); err != nil {
-			return fmt.Errorf("check: %w", err)
-		}
-		defer in.f.Close()
-		res, err = inspect.CheckFile(in.f, in.size)
-	}
+	res, err := vhdcompat.Check(env, c.Path)
 	if err != nil {
-		return fmt.Errorf("check: %s: %w", inputName(c.Path), err)
+		return err
 	}
 	res.Filename = c.Path
 	if c.Output == "json" {
@@ -310,22 +204,9 @@ Example:
 
 // Run executes compare.
 func (c *CompareCmd) Run(env *vhdcompat.Env) error {
-	fail := func(err error) error {
+	res, err := vhdcompat.Compare(c.A, c.B)
+	if err != nil {
 		return &vhdcompat.ExitError{Code: 2, Err: fmt.Errorf("compare: %w", err)}
-	}
-	a, err := openInput(c.A)
-	if err != nil {
-		return fail(err)
-	}
-	defer a.f.Close()
-	b, err := openInput(c.B)
-	if err != nil {
-		return fail(err)
-	}
-	defer b.f.Close()
-	res, err := inspect.Compare(a.f, a.size, b.f, b.size)
-	if err != nil {
-		return fail(err)
 	}
 	w := env.Stdout
 	if res.SizeMismatch {

@@ -52,17 +52,3 @@ func ParseChangedBlocks(r io.Reader, clusterBits uint32, clusters uint64) (*bitm
 	}
 	return bm, nil
 }
-
-// LoadChangedBlocks reads a changed block bitmap from a path or descriptor.
-func LoadChangedBlocks(spec string, clusterBits uint32, clusters uint64) (*bitmap.Bitmap, error) {
-	r, name, err := Open(spec)
-	if err != nil {
-		return nil, fmt.Errorf("changed blocks: %w", err)
-	}
-	defer r.Close()
-	bm, err := ParseChangedBlocks(r, clusterBits, clusters)
-	if err != nil {
-		return nil, fmt.Errorf("changed blocks from %s: %w", name, err)
-	}
-	return bm, nil
-}

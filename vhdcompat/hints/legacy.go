@@ -208,17 +208,3 @@ func clusterRuns(dec *json.Decoder) ([]Extent, error) {
 	}
 	return runs, nil
 }
-
-// LoadLegacy reads a legacy JSON header from a path or descriptor.
-func LoadLegacy(spec string) (*Legacy, error) {
-	r, name, err := Open(spec)
-	if err != nil {
-		return nil, fmt.Errorf("JSON header: %w", err)
-	}
-	defer r.Close()
-	l, err := ParseLegacy(r)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	return l, nil
-}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
 
 // MaxHintBytes bounds how much hint text is read: a qemu-img map of a
@@ -21,22 +23,15 @@ const MaxHintBytes = 1 << 30
 func Open(spec string) (io.ReadCloser, string, error) {
 	fdText := strings.TrimPrefix(spec, "fd://")
 	if n, err := strconv.Atoi(fdText); err == nil && n >= 0 && (fdText != spec || !fileExists(spec)) {
-		f := os.NewFile(uintptr(n), "fd "+fdText)
-		if f == nil {
-			return nil, "", fmt.Errorf("descriptor %d is not valid", n)
-		}
-		if _, err := f.Stat(); err != nil {
-			return nil, "", fmt.Errorf("descriptor %d is not open", n)
+		f, err := rawdisk.Inherited(n)
+		if err != nil {
+			return nil, "", err
 		}
 		return f, "descriptor " + fdText, nil
 	}
 	f, err := os.Open(spec)
 	if err != nil {
-		var pe *os.PathError
-		if errors.As(err, &pe) {
-			err = pe.Err
-		}
-		return nil, "", fmt.Errorf("%s: %w", spec, err)
+		return nil, "", fmt.Errorf("%s: %w", spec, rawdisk.WithoutPath(err))
 	}
 	return f, spec, nil
 }
@@ -58,37 +53,46 @@ type MapEntry struct {
 // (data true and zero false), clipped to size. Everything else reads as
 // zero in the raw view of the image.
 func ParseMap(r io.Reader, size int64) (Extents, error) {
+	ext, _, err := parseMap(r, size)
+	return ext, err
+}
+
+// parseMap is ParseMap, and also returns where the map ends: the virtual
+// size of the image it was made of.
+func parseMap(r io.Reader, size int64) (Extents, int64, error) {
 	dec := json.NewDecoder(io.LimitReader(r, MaxHintBytes))
 	tok, err := dec.Token()
 	if err != nil {
-		return nil, fmt.Errorf("qemu-img map JSON: %w", jsonErr(err))
+		return nil, 0, fmt.Errorf("qemu-img map JSON: %w", jsonErr(err))
 	}
 	if d, ok := tok.(json.Delim); !ok || d != '[' {
-		return nil, errors.New("qemu-img map JSON: expected a list of extents")
+		return nil, 0, errors.New("qemu-img map JSON: expected a list of extents")
 	}
 	var out []Extent
+	var end int64
 	for dec.More() {
 		var e MapEntry
 		if err := dec.Decode(&e); err != nil {
-			return nil, fmt.Errorf("qemu-img map JSON: extent %d: %w", len(out), jsonErr(err))
+			return nil, 0, fmt.Errorf("qemu-img map JSON: extent %d: %w", len(out), jsonErr(err))
 		}
 		if e.Start < 0 || e.Length < 0 {
-			return nil, fmt.Errorf("qemu-img map JSON: extent at %d has a negative start or length", e.Start)
+			return nil, 0, fmt.Errorf("qemu-img map JSON: extent at %d has a negative start or length", e.Start)
 		}
+		if e.Start > (1<<62)-e.Length {
+			return nil, 0, fmt.Errorf("qemu-img map JSON: extent at %d is too large", e.Start)
+		}
+		end = max(end, e.Start+e.Length)
 		if e.Data && !e.Zero && e.Length > 0 {
 			if len(out) >= MaxExtents {
-				return nil, fmt.Errorf("qemu-img map JSON: more than %d extents", MaxExtents)
-			}
-			if e.Start > (1<<62)-e.Length {
-				return nil, fmt.Errorf("qemu-img map JSON: extent at %d is too large", e.Start)
+				return nil, 0, fmt.Errorf("qemu-img map JSON: more than %d extents", MaxExtents)
 			}
 			out = append(out, Extent{e.Start, e.Start + e.Length})
 		}
 	}
 	if _, err := dec.Token(); err != nil {
-		return nil, fmt.Errorf("qemu-img map JSON: %w", jsonErr(err))
+		return nil, 0, fmt.Errorf("qemu-img map JSON: %w", jsonErr(err))
 	}
-	return Normalize(out, size), nil
+	return Normalize(out, size), end, nil
 }
 
 func jsonErr(err error) error {
@@ -96,20 +100,6 @@ func jsonErr(err error) error {
 		return io.ErrUnexpectedEOF
 	}
 	return err
-}
-
-// LoadMap reads qemu-img map JSON from a path or descriptor.
-func LoadMap(spec string, size int64) (Extents, error) {
-	r, name, err := Open(spec)
-	if err != nil {
-		return nil, fmt.Errorf("allocation map: %w", err)
-	}
-	defer r.Close()
-	ext, err := ParseMap(r, size)
-	if err != nil {
-		return nil, fmt.Errorf("allocation map from %s: %w", name, err)
-	}
-	return ext, nil
 }
 
 // Info is what we use of `qemu-img info --output=json`.
@@ -142,20 +132,6 @@ func ParseInfo(r io.Reader) (*Info, error) {
 			return nil, fmt.Errorf("qemu-img info JSON: cluster-size %d is not a power of two from 512 to 2097152", cs)
 		}
 		info.ClusterBits = uint32(bits.TrailingZeros64(uint64(cs)))
-	}
-	return info, nil
-}
-
-// LoadInfo reads qemu-img info JSON from a path or descriptor.
-func LoadInfo(spec string) (*Info, error) {
-	r, name, err := Open(spec)
-	if err != nil {
-		return nil, fmt.Errorf("image info: %w", err)
-	}
-	defer r.Close()
-	info, err := ParseInfo(r)
-	if err != nil {
-		return nil, fmt.Errorf("image info from %s: %w", name, err)
 	}
 	return info, nil
 }

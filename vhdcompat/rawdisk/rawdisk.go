@@ -116,14 +116,14 @@ func open(path string, flag int, direct bool, perm os.FileMode) (*Disk, error) {
 		}
 	case errors.Is(err, os.ErrNotExist) && flag&os.O_CREATE != 0:
 	default:
-		return nil, &DiskError{Path: path, Err: unwrapPathError(err)}
+		return nil, &DiskError{Path: path, Err: WithoutPath(err)}
 	}
 	if direct {
 		flag |= unix.O_DIRECT
 	}
 	f, err := os.OpenFile(path, flag|unix.O_CLOEXEC, perm)
 	if err != nil {
-		return nil, &DiskError{Path: path, Err: unwrapPathError(err)}
+		return nil, &DiskError{Path: path, Err: WithoutPath(err)}
 	}
 	d := &Disk{f: f, path: path, direct: direct}
 	if err := d.stat(); err != nil {
@@ -131,14 +131,6 @@ func open(path string, flag int, direct bool, perm os.FileMode) (*Disk, error) {
 		return nil, err
 	}
 	return d, nil
-}
-
-func unwrapPathError(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
 }
 
 func describeMode(m os.FileMode) string {
@@ -160,7 +152,7 @@ func describeMode(m os.FileMode) string {
 func (d *Disk) stat() error {
 	st, err := d.f.Stat()
 	if err != nil {
-		return &DiskError{Path: d.path, Op: "stat", Err: unwrapPathError(err)}
+		return &DiskError{Path: d.path, Op: "stat", Err: WithoutPath(err)}
 	}
 	m := st.Mode()
 	switch {
@@ -204,7 +196,7 @@ func (d *Disk) Close() error { return d.f.Close() }
 // Sync flushes written data to stable storage.
 func (d *Disk) Sync() error {
 	if err := d.f.Sync(); err != nil {
-		return &DiskError{Path: d.path, Op: "fsync", Err: unwrapPathError(err)}
+		return &DiskError{Path: d.path, Op: "fsync", Err: WithoutPath(err)}
 	}
 	return nil
 }
@@ -279,7 +271,7 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 func (d *Disk) readFull(p []byte, off int64) (int, error) {
 	n, err := d.f.ReadAt(p, off)
 	if err != nil && err != io.EOF {
-		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("read at offset %d", off+int64(n)), Err: unwrapPathError(err)}
+		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("read at offset %d", off+int64(n)), Err: WithoutPath(err)}
 	}
 	if n < len(p) && off+int64(n) < d.size {
 		return n, &DiskError{Path: d.path, Op: "read", Err: fmt.Errorf("disk shrank: it ends at %d, it was %d bytes when opened", off+int64(n), d.size)}
@@ -291,7 +283,7 @@ func (d *Disk) readFull(p []byte, off int64) (int, error) {
 func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	n, err := d.f.WriteAt(p, off)
 	if err != nil {
-		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("write at offset %d", off+int64(n)), Err: unwrapPathError(err)}
+		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("write at offset %d", off+int64(n)), Err: WithoutPath(err)}
 	}
 	return n, nil
 }
@@ -301,35 +293,64 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 // For block devices, or file systems without SEEK_DATA, the whole disk is
 // one extent.
 func (d *Disk) DataExtents(fn func(start, end int64) error) error {
-	if d.kind != RegularFile {
-		return fn(0, d.size)
-	}
-	fd := int(d.f.Fd())
 	for off := int64(0); off < d.size; {
-		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if err == unix.ENXIO {
-			return nil // only a hole remains
+		start, end, err := d.nextData(off)
+		if err != nil || start >= d.size {
+			return err
 		}
-		if err != nil {
-			if off == 0 && (err == unix.EINVAL || err == unix.EOPNOTSUPP) {
-				return fn(0, d.size)
-			}
-			return &DiskError{Path: d.path, Op: "SEEK_DATA", Err: err}
-		}
-		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
-		if err != nil {
-			return &DiskError{Path: d.path, Op: "SEEK_HOLE", Err: err}
-		}
-		if start >= d.size {
-			return nil
-		}
-		end = min(end, d.size)
 		if err := fn(start, end); err != nil {
 			return err
 		}
 		off = end
 	}
 	return nil
+}
+
+// DataAt reports whether off is in data or in a hole, and where that run
+// ends, at end at the most (for qemu-img map's "data" and "zero" flags).
+func (d *Disk) DataAt(off, end int64) (data bool, runEnd int64, err error) {
+	start, stop, err := d.nextData(off)
+	switch {
+	case err != nil:
+		return true, end, err
+	case start > off:
+		return false, min(start, end), nil
+	}
+	return true, min(stop, end), nil
+}
+
+// nextData returns the run of data at or after off: [start, end), clipped
+// to the disk's size; start is the disk's size when only a hole remains. A
+// block device, or a file system without SEEK_DATA, is data throughout.
+func (d *Disk) nextData(off int64) (start, end int64, err error) {
+	if d.kind != RegularFile {
+		return off, d.size, nil
+	}
+	fd := int(d.f.Fd())
+	start, err = unix.Seek(fd, off, unix.SEEK_DATA)
+	switch {
+	case err == unix.ENXIO: // only a hole remains
+		return d.size, d.size, nil
+	case err == unix.EINVAL || err == unix.EOPNOTSUPP:
+		return off, d.size, nil
+	case err != nil:
+		return 0, 0, &DiskError{Path: d.path, Op: "SEEK_DATA", Err: err}
+	}
+	end, err = unix.Seek(fd, start, unix.SEEK_HOLE)
+	if err != nil {
+		return 0, 0, &DiskError{Path: d.path, Op: "SEEK_HOLE", Err: err}
+	}
+	return min(start, d.size), min(end, d.size), nil
+}
+
+// AllocatedBytes is the space the disk takes on its file system (a block
+// device: none of it counted there).
+func (d *Disk) AllocatedBytes() (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.f.Fd()), &st); err != nil {
+		return 0, &DiskError{Path: d.path, Op: "stat", Err: err}
+	}
+	return st.Blocks * 512, nil
 }
 
 // GrowPipe asks F_SETPIPE_SZ for size bytes when f is a pipe: the export's

@@ -164,7 +164,7 @@ func (d *Disk) Truncate(size int64) error {
 		return &DiskError{Path: d.path, Op: "resize", Err: fmt.Errorf("a block device cannot be resized (it has %d bytes, %d asked)", d.size, size)}
 	}
 	if err := d.f.Truncate(size); err != nil {
-		return &DiskError{Path: d.path, Op: fmt.Sprintf("truncate to %d bytes", size), Err: unwrapPathError(err)}
+		return &DiskError{Path: d.path, Op: fmt.Sprintf("truncate to %d bytes", size), Err: WithoutPath(err)}
 	}
 	d.size = size
 	return nil

@@ -1,0 +1,190 @@
+package vhdcompat
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/bits"
+	"os"
+	"time"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/export"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+)
+
+// ExportRequest is an export as a command line asks for it: names, numbers
+// and hint sources, nothing opened yet. `stream` and the qcow2-to-stdout
+// drop-in both hand one to Export, so that both emit the same bytes.
+type ExportRequest struct {
+	// Source is the raw disk's path, or SourceFile a disk already open
+	// (an inherited descriptor, which --direct switches to O_DIRECT, or
+	// stdin, which is left as it is).
+	Source     string
+	SourceFile *os.File
+	Base       string // the base of a diff ("": a full export)
+	Direct     bool   // read source and base with O_DIRECT
+
+	ClusterSize, RefcountBits uint64
+	// ClusterSizeFlag and RefcountBitsFlag name the options that gave
+	// them, for messages.
+	ClusterSizeFlag, RefcountBitsFlag string
+	BackingFile                       string
+	Hints                             hints.Request
+
+	// Out is the output when it is known before anything is opened (the
+	// drop-in's stdout): a terminal is then refused before the source is
+	// opened, as the reference does. Otherwise OpenOut opens it once every
+	// check of the source has passed, since a file destination is
+	// truncated when opened.
+	Out            *os.File
+	OutName        string
+	OpenOut        func() (*os.File, string, error)
+	RefuseTerminal bool
+	Progress       ProgressFlags
+}
+
+// PowerOfTwo returns log2(v) when v is a power of two within [lo, hi].
+func PowerOfTwo(what string, v, lo, hi uint64) (uint32, error) {
+	if v < lo || v > hi || v&(v-1) != 0 {
+		return 0, &UsageError{fmt.Sprintf("%s %d must be a power of two from %d to %d", what, v, lo, hi)}
+	}
+	return uint32(bits.TrailingZeros64(v)), nil
+}
+
+// Export runs the export req asks for: it checks the numbers, opens the
+// disks, loads and checks the hints, opens the output and runs the engine.
+func Export(env *Env, req *ExportRequest) error {
+	clusterBits, err := PowerOfTwo(req.ClusterSizeFlag, req.ClusterSize, 512, 2<<20)
+	if err != nil {
+		return err
+	}
+	refOrder, err := PowerOfTwo(req.RefcountBitsFlag, req.RefcountBits, 1, 64)
+	if err != nil {
+		return err
+	}
+	if req.Out != nil && req.RefuseTerminal && IsTerminal(req.Out) {
+		// Before anything is read, as the reference does; runExport
+		// checks again.
+		return fmt.Errorf("refusing to write a qcow2 image to a terminal (%s): redirect it to a file or a pipe", req.OutName)
+	}
+	x := &openedExport{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: req.BackingFile,
+		Out: req.Out, OutName: req.OutName, RefuseTerminal: req.RefuseTerminal}
+	defer x.Close()
+	switch f := req.SourceFile; {
+	case f == nil:
+		x.Source, err = rawdisk.Open(req.Source, req.Direct)
+	case f == env.Stdin:
+		// A disk redirected onto stdin; a pipe is refused by rawdisk.
+		x.Source, err = rawdisk.FromFile(f, "stdin")
+	default:
+		x.Source, err = rawdisk.FromFileDirect(f, f.Name(), req.Direct)
+	}
+	if err != nil {
+		return err
+	}
+	var base *hints.Disk
+	if req.Base != "" {
+		if x.Base, err = rawdisk.Open(req.Base, req.Direct); err != nil {
+			return fmt.Errorf("base %w", err)
+		}
+		base = &hints.Disk{Name: x.Base.Path(), Size: x.Base.Size()}
+	}
+	h, err := hints.Load(req.Hints, hints.Disk{Name: x.Source.Path(), Size: x.Source.Size()}, base, clusterBits)
+	if err != nil {
+		return err
+	}
+	if h.ClusterBits != 0 {
+		x.ClusterBits = h.ClusterBits
+	}
+	x.SourceExtents, x.BaseExtents, x.Changed = h.SourceExtents, h.BaseExtents, h.Changed
+	if x.Out == nil {
+		if x.Out, x.OutName, err = req.OpenOut(); err != nil {
+			return err
+		}
+	}
+	x.OutputCarriesStream = x.Out == env.Stdout || x.Out.Fd() == 1
+	progress, err := req.Progress.Reporter(env, x.OutputCarriesStream)
+	if err != nil {
+		return err
+	}
+	x.Progress = progress.Update
+	err = x.run(env)
+	progress.Finish(err == nil)
+	return err
+}
+
+// openedExport is an export with its disks open and its hints loaded.
+type openedExport struct {
+	Source, Base        *rawdisk.Disk
+	Out                 *os.File
+	OutName             string
+	ClusterBits         uint32
+	RefcountOrder       uint32
+	BackingFile         string
+	SourceExtents       hints.Extents
+	BaseExtents         hints.Extents
+	Changed             *bitmap.Bitmap
+	Progress            func(done, total uint64)
+	RefuseTerminal      bool
+	OutputCarriesStream bool
+}
+
+// Close releases the export's disks.
+func (r *openedExport) Close() {
+	if r.Source != nil {
+		r.Source.Close()
+	}
+	if r.Base != nil {
+		r.Base.Close()
+	}
+}
+
+// run checks the output and runs the export, logging its start and end.
+func (r *openedExport) run(env *Env) error {
+	if r.RefuseTerminal && IsTerminal(r.Out) {
+		return fmt.Errorf("refusing to write a qcow2 image to a terminal (%s): redirect it to a file or a pipe", r.OutName)
+	}
+	log := env.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	attrs := []any{"source", r.Source.Path(), "destination", r.OutName, "virtual_size", r.Source.Size(),
+		"cluster_size", uint64(1) << r.ClusterBits}
+	if r.Base != nil {
+		attrs = append(attrs, "base", r.Base.Path())
+	}
+	log.Info("export started", attrs...)
+	if r.Source.Direct() {
+		SpareProcForIO()
+	}
+	start := time.Now()
+	res, err := export.Run(env.Ctx, r.Out, export.Options{
+		Source: r.Source, Base: r.Base, ClusterBits: r.ClusterBits, RefcountOrder: r.RefcountOrder,
+		BackingFile: r.BackingFile, SourceExtents: r.SourceExtents, BaseExtents: r.BaseExtents,
+		Changed: r.Changed, Progress: r.Progress,
+	})
+	if err != nil {
+		var oe *export.OutputError
+		if errors.As(err, &oe) {
+			return fmt.Errorf("export of %s: writing to %s: %w", r.Source.Path(), r.OutName, oe.Err)
+		}
+		if errors.Is(err, env.Ctx.Err()) && env.Ctx.Err() != nil {
+			return fmt.Errorf("export of %s: interrupted: %w", r.Source.Path(), context.Cause(env.Ctx))
+		}
+		return fmt.Errorf("export of %s: %w", r.Source.Path(), err)
+	}
+	log.Info("export finished", append(attrs, "data_clusters", res.Layout.DataClusters,
+		"bytes_written", res.Layout.Size(), "elapsed_ms", time.Since(start).Milliseconds())...)
+	if r.Out != nil && r.Out.Fd() > 2 {
+		// A file destination: make it durable before saying success.
+		if st, err := r.Out.Stat(); err == nil && st.Mode().IsRegular() {
+			if err := r.Out.Sync(); err != nil {
+				return fmt.Errorf("export of %s: fsync %s: %w", r.Source.Path(), r.OutName, err)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,179 @@
+package hints
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+)
+
+// Source is one hint as a command line gives it: Flag is the option that
+// named it (for messages), Spec a path or a descriptor (fd://N or N), or
+// Reader one already open (stdin, for the drop-in's --json-header).
+type Source struct {
+	Flag   string
+	Spec   string
+	Reader io.Reader
+}
+
+// Given reports whether the command line gave this hint.
+func (s Source) Given() bool { return s.Spec != "" || s.Reader != nil }
+
+// DiskHints are the hints for one disk: qemu-img info and map of the qcow2
+// file behind it, or xapi's older JSON header, which replaces both (a
+// command line refuses the two together; given both, the header wins).
+type DiskHints struct {
+	Info, Map, Header Source
+}
+
+// Given reports whether any hint is given for the disk.
+func (h DiskHints) Given() bool { return h.Info.Given() || h.Map.Given() || h.Header.Given() }
+
+// Disk is what hints are checked against: the disk's name for messages,
+// and its size.
+type Disk struct {
+	Name string
+	Size int64
+}
+
+// Request is every hint of one export, as both exporters' command lines
+// (`stream` and the qcow2-to-stdout drop-in) give them.
+type Request struct {
+	Source, Base  DiskHints
+	ChangedBlocks Source
+}
+
+// Loaded is what the hints of a Request say.
+type Loaded struct {
+	// ClusterBits is the cluster size the source's hints were written
+	// for (qemu-img info's cluster size, the header's cluster_bits); 0
+	// when they name none and the asked size stands.
+	ClusterBits   uint32
+	SourceExtents Extents // nil: no hint, the disk's own extents are used
+	BaseExtents   Extents
+	Changed       *bitmap.Bitmap // nil: no changed-block bitmap
+}
+
+// Load reads every hint of req and checks each one that states a disk
+// size against the disk it is given for: hints for a larger disk belong to
+// another one, and are refused. base is nil for a full export, and any base
+// hint is then refused. clusterBits is the cluster size asked for; the
+// changed blocks are mapped onto the hints' cluster size when they give
+// one, else onto it.
+func Load(req Request, src Disk, base *Disk, clusterBits uint32) (*Loaded, error) {
+	out := &Loaded{}
+	var err error
+	if out.SourceExtents, out.ClusterBits, err = loadDisk(req.Source, src); err != nil {
+		return nil, err
+	}
+	if req.Base.Given() {
+		if base == nil {
+			return nil, fmt.Errorf("%s: hints for a base, but there is no base", firstGiven(req.Base).Flag)
+		}
+		// The base's clusters are byte ranges here: a base hinted in
+		// another cluster size compares just as well.
+		if out.BaseExtents, _, err = loadDisk(req.Base, *base); err != nil {
+			return nil, err
+		}
+	}
+	if s := req.ChangedBlocks; s.Given() {
+		if out.ClusterBits != 0 {
+			clusterBits = out.ClusterBits
+		}
+		cs := uint64(1) << clusterBits
+		clusters := (uint64(src.Size) + cs - 1) / cs
+		r, name, err := s.open("changed blocks")
+		if err != nil {
+			return nil, err
+		}
+		defer r.Close()
+		if out.Changed, err = ParseChangedBlocks(r, clusterBits, clusters); err != nil {
+			return nil, fmt.Errorf("%s: changed blocks from %s: %w", s.Flag, name, err)
+		}
+	}
+	return out, nil
+}
+
+func firstGiven(h DiskHints) Source {
+	for _, s := range []Source{h.Info, h.Map, h.Header} {
+		if s.Given() {
+			return s
+		}
+	}
+	return Source{}
+}
+
+// loadDisk reads the hints of one disk: its extents (nil without a map or
+// header) and the cluster size they were written for (0: none said).
+func loadDisk(h DiskHints, d Disk) (Extents, uint32, error) {
+	var ext Extents
+	var clusterBits uint32
+	if s := h.Info; s.Given() {
+		r, name, err := s.open("image info")
+		if err != nil {
+			return nil, 0, err
+		}
+		defer r.Close()
+		info, err := ParseInfo(r)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: image info from %s: %w", s.Flag, name, err)
+		}
+		if err := checkSize(s.Flag, info.VirtualSize, d); err != nil {
+			return nil, 0, err
+		}
+		clusterBits = info.ClusterBits
+	}
+	if s := h.Map; s.Given() {
+		r, name, err := s.open("allocation map")
+		if err != nil {
+			return nil, 0, err
+		}
+		defer r.Close()
+		m, end, err := parseMap(r, d.Size)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: allocation map from %s: %w", s.Flag, name, err)
+		}
+		if err := checkSize(s.Flag, end, d); err != nil {
+			return nil, 0, err
+		}
+		ext = m
+	}
+	if s := h.Header; s.Given() {
+		r, name, err := s.open("JSON header")
+		if err != nil {
+			return nil, 0, err
+		}
+		defer r.Close()
+		l, err := ParseLegacy(r)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: %s: %w", s.Flag, name, err)
+		}
+		if err := checkSize(s.Flag, l.VirtualSize, d); err != nil {
+			return nil, 0, err
+		}
+		clusterBits, ext = l.ClusterBits, l.Extents
+	}
+	return ext, clusterBits, nil
+}
+
+// open opens the hint; what names the kind of hint for messages.
+func (s Source) open(what string) (io.ReadCloser, string, error) {
+	if s.Reader != nil {
+		return io.NopCloser(s.Reader), "stdin", nil
+	}
+	r, name, err := Open(s.Spec)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %s: %w", s.Flag, what, err)
+	}
+	return r, name, nil
+}
+
+// checkSize refuses hints that describe a larger disk than the one read:
+// they do not belong to it. A smaller one is fine (a logical volume is
+// rounded up to its extent size); what lies past it reads as zero.
+func checkSize(flag string, hinted int64, d Disk) error {
+	if hinted > (d.Size+511)&^511 {
+		return fmt.Errorf("%s: the image is %d bytes but %s is only %d bytes: the hints are for another disk", flag, hinted, d.Name, d.Size)
+	}
+	return nil
+}
