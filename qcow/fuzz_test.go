@@ -102,14 +102,14 @@ func FuzzReader(f *testing.F) {
 	})
 }
 
-// fuzzLending decodes img as a stream into lent memory (DataBuffer): every
-// loan of a cluster or more must serve the very next extent.
+// fuzzLending decodes img as a stream into lent memory (Lend): every
+// lent buffer of a cluster or more must serve the very next extent.
 func fuzzLending(t *testing.T, img []byte, opts ReaderOptions) {
-	var loan []byte
-	var loanOff uint64
-	opts.DataBuffer = func(off uint64, n int) []byte {
-		loan, loanOff = make([]byte, n), off
-		return loan
+	var lent []byte
+	var lentOff uint64
+	opts.Lend = func(off uint64, n int) []byte {
+		lent, lentOff = make([]byte, n), off
+		return lent
 	}
 	r, err := NewReader(streamOnly{bytes.NewReader(img)}, opts)
 	if err != nil {
@@ -121,12 +121,12 @@ func fuzzLending(t *testing.T, img []byte, opts ReaderOptions) {
 		if err != nil {
 			return
 		}
-		if loan != nil {
-			inLoan := e.Kind == ExtentData && e.Offset == loanOff && len(e.Data) > 0 && len(e.Data) <= len(loan) && &e.Data[0] == &loan[0]
-			if !inLoan && len(loan) >= cs {
-				t.Fatalf("a loan of %d bytes at %#x was followed by a %v extent at %#x", len(loan), loanOff, e.Kind, e.Offset)
+		if lent != nil {
+			inLent := e.Kind == ExtentData && e.Offset == lentOff && len(e.Data) > 0 && len(e.Data) <= len(lent) && &e.Data[0] == &lent[0]
+			if !inLent && len(lent) >= cs {
+				t.Fatalf("a buffer of %d bytes lent at %#x was followed by a %v extent at %#x", len(lent), lentOff, e.Kind, e.Offset)
 			}
 		}
-		loan = nil
+		lent = nil
 	}
 }

@@ -9,7 +9,6 @@ package qcow
 
 import (
 	"encoding/binary"
-	"fmt"
 )
 
 // Magic is the four bytes that start every qcow2 image: "QFI\xfb".
@@ -162,24 +161,6 @@ func (h *Header) RefcountBits() uint64 { return 1 << h.RefcountOrder }
 // one.
 func (h *Header) VirtualClusters() uint64 {
 	return (h.Size + h.ClusterSize() - 1) >> h.ClusterBits
-}
-
-// HeaderError reports a header that cannot be used. Field names the header
-// field at fault.
-type HeaderError struct {
-	Field  string
-	Reason string
-}
-
-func (e *HeaderError) Error() string {
-	if e.Field == "" {
-		return "bad qcow2 header: " + e.Reason
-	}
-	return fmt.Sprintf("bad qcow2 header: %s: %s", e.Field, e.Reason)
-}
-
-func herr(field, format string, args ...any) error {
-	return &HeaderError{Field: field, Reason: fmt.Sprintf(format, args...)}
 }
 
 // ParseHeader decodes and validates a header from buf, which must hold at
@@ -395,7 +376,7 @@ func (h *Header) parseExtensions(buf []byte) error {
 // backing file name. h.BackingFileOffset and h.BackingFileSize are computed.
 func (h *Header) MarshalCluster0() ([]byte, error) {
 	if h.Version != 3 {
-		return nil, fmt.Errorf("qcow: can only write version 3 headers")
+		return nil, errorf("can only write version 3 headers")
 	}
 	cs := h.ClusterSize()
 	buf := make([]byte, cs)
@@ -410,7 +391,7 @@ func (h *Header) MarshalCluster0() ([]byte, error) {
 		used += 8 + (uint64(len(e.Data))+7)&^7
 	}
 	if used > cs || len(h.BackingFile) > MaxBackingFileSize {
-		return nil, fmt.Errorf("qcow: backing file name of %d bytes does not fit in a %d-byte cluster", len(h.BackingFile), cs)
+		return nil, errorf("backing file name of %d bytes does not fit in a %d-byte cluster", len(h.BackingFile), cs)
 	}
 	// The feature name table is informative: include as many entries as fit.
 	if room := cs - used; room >= 8+featureNameEntrySize {

@@ -1,7 +1,6 @@
 package qcow
 
 import (
-	"errors"
 	"fmt"
 )
 
@@ -42,10 +41,6 @@ func (l *Layout) ClusterSize() uint64 { return 1 << l.ClusterBits }
 // Size is the length of the whole image in bytes.
 func (l *Layout) Size() uint64 { return l.TotalClusters << l.ClusterBits }
 
-// ErrTooLarge is returned (wrapped) when a disk cannot be described with
-// the chosen cluster size within qemu's limits.
-var ErrTooLarge = errors.New("image too large")
-
 // L1EntriesFor is the number of L1 entries needed to map virtualSize bytes.
 func L1EntriesFor(virtualSize uint64, clusterBits uint32) uint64 {
 	span := uint64(1) << (2*clusterBits - 3) // L2 entries * cluster size
@@ -68,10 +63,10 @@ func SmallestClusterBitsFor(virtualSize uint64) uint32 {
 // structures count themselves, so their size is found as a fixed point.
 func PlanLayout(virtualSize uint64, clusterBits, refcountOrder uint32, l2Tables, dataClusters uint64) (*Layout, error) {
 	if clusterBits < MinClusterBits || clusterBits > MaxClusterBits {
-		return nil, fmt.Errorf("cluster size %d is outside 512 bytes..2 MiB", uint64(1)<<clusterBits)
+		return nil, errorf("cluster size %d is outside 512 bytes..2 MiB", uint64(1)<<clusterBits)
 	}
 	if refcountOrder > MaxRefcountOrder {
-		return nil, fmt.Errorf("refcount width %d is larger than 64 bits", uint64(1)<<refcountOrder)
+		return nil, errorf("refcount width %d is larger than 64 bits", uint64(1)<<refcountOrder)
 	}
 	cs := uint64(1) << clusterBits
 	l := &Layout{VirtualSize: virtualSize, ClusterBits: clusterBits, RefcountOrder: refcountOrder,
@@ -86,10 +81,10 @@ func PlanLayout(virtualSize uint64, clusterBits, refcountOrder uint32, l2Tables,
 		return nil, fmt.Errorf("%w: %s", ErrTooLarge, msg)
 	}
 	if maxL2 := l.L1Entries; l2Tables > maxL2 {
-		return nil, fmt.Errorf("%d L2 tables for an L1 table of %d entries", l2Tables, maxL2)
+		return nil, errorf("%d L2 tables for an L1 table of %d entries", l2Tables, maxL2)
 	}
 	if maxData := (virtualSize + cs - 1) / cs; dataClusters > maxData {
-		return nil, fmt.Errorf("%d data clusters for a disk of %d clusters", dataClusters, maxData)
+		return nil, errorf("%d data clusters for a disk of %d clusters", dataClusters, maxData)
 	}
 	l.L1Clusters = (l.L1Entries*8 + cs - 1) / cs
 	perBlock := cs * 8 >> refcountOrder // refcounts per refcount block

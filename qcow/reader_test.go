@@ -145,9 +145,9 @@ func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions
 }
 
 // decodeLending decodes img as a stream whose data runs land in memory the
-// caller lends (ReaderOptions.DataBuffer), of varying sizes: whole, short,
-// less than a cluster, none. Each loan must come back as the next extent,
-// a data extent at the loan's offset whose Data is the loan's memory.
+// caller lends (ReaderOptions.Lend), of varying sizes: whole, short,
+// less than a cluster, none. Each lent buffer must come back as the next extent,
+// a data extent at the buffer's offset whose Data is the buffer's memory.
 func decodeLending(t *testing.T, _ io.Reader, img []byte, opts ReaderOptions, oneByte bool) []byte {
 	t.Helper()
 	var src io.Reader = streamOnly{bytes.NewReader(img)}
@@ -155,14 +155,14 @@ func decodeLending(t *testing.T, _ io.Reader, img []byte, opts ReaderOptions, on
 		src = iotest.OneByteReader(bytes.NewReader(img))
 	}
 	var (
-		loan    []byte
-		loanOff uint64
-		loans   int
+		lent     []byte
+		lentOff  uint64
+		lentRuns int
 	)
 	rng := rand.New(rand.NewSource(int64(len(img))))
-	opts.DataBuffer = func(off uint64, n int) []byte {
-		if loan != nil {
-			t.Fatalf("DataBuffer(%#x) while the loan at %#x is out", off, loanOff)
+	opts.Lend = func(off uint64, n int) []byte {
+		if lent != nil {
+			t.Fatalf("Lend(%#x) while the buffer lent at %#x is out", off, lentOff)
 		}
 		switch rng.Intn(4) {
 		case 0:
@@ -170,8 +170,8 @@ func decodeLending(t *testing.T, _ io.Reader, img []byte, opts ReaderOptions, on
 		case 1:
 			n = 1 + rng.Intn(n) // short, maybe less than a cluster
 		}
-		loan, loanOff = make([]byte, n), off
-		return loan
+		lent, lentOff = make([]byte, n), off
+		return lent
 	}
 	r, err := NewReader(src, opts)
 	if err != nil {
@@ -186,28 +186,28 @@ func decodeLending(t *testing.T, _ io.Reader, img []byte, opts ReaderOptions, on
 		if err != nil {
 			t.Fatalf("stream (lending): %v", err)
 		}
-		if loan != nil {
-			inLoan := e.Kind == ExtentData && e.Offset == loanOff && len(e.Data) > 0 && len(e.Data) <= len(loan) && &e.Data[0] == &loan[0]
-			// Only a loan of less than a cluster may be declined.
-			if !inLoan && len(loan) >= 1<<r.Header().ClusterBits {
-				t.Fatalf("the extent after a loan at %#x of %d bytes is %v at %#x (%d bytes), not in the loan", loanOff, len(loan), e.Kind, e.Offset, e.Length)
+		if lent != nil {
+			inLent := e.Kind == ExtentData && e.Offset == lentOff && len(e.Data) > 0 && len(e.Data) <= len(lent) && &e.Data[0] == &lent[0]
+			// Only a lent buffer of less than a cluster may be declined.
+			if !inLent && len(lent) >= 1<<r.Header().ClusterBits {
+				t.Fatalf("the extent after the buffer lent at %#x of %d bytes is %v at %#x (%d bytes), not in that buffer", lentOff, len(lent), e.Kind, e.Offset, e.Length)
 			}
-			if inLoan {
-				loans++
+			if inLent {
+				lentRuns++
 			}
-			loan = nil
+			lent = nil
 		}
 		if e.Kind == ExtentData {
 			copy(disk[e.Offset:], e.Data)
 		}
 	}
-	lendingLoans.Add(int64(loans))
+	lendingUsed.Add(int64(lentRuns))
 	return disk
 }
 
-// lendingLoans counts the loans decodeLending saw used, over all tests:
+// lendingUsed counts the lentRuns decodeLending saw used, over all tests:
 // TestLendingUsed checks the path was taken.
-var lendingLoans atomic.Int64
+var lendingUsed atomic.Int64
 
 func firstDiff(a, b []byte) int {
 	for i := range min(len(a), len(b)) {
@@ -867,12 +867,12 @@ func TestReaderCostFollowsInput(t *testing.T) {
 }
 
 // TestLendingUsed: decoding a stream with random data into lent memory
-// (decodeBoth) fills the loans rather than declining them all.
+// (decodeBoth) fills the lentRuns rather than declining them all.
 func TestLendingUsed(t *testing.T) {
-	before := lendingLoans.Load()
+	before := lendingUsed.Load()
 	img, raw, _ := encodeRandom(t, 11, 8<<20, 16, 4)
 	decodeBoth(t, img, raw, false, ReaderOptions{})
-	if lendingLoans.Load() == before {
+	if lendingUsed.Load() == before {
 		t.Fatal("no data run was read into lent memory")
 	}
 }

@@ -3,8 +3,6 @@ package qcow
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
-	"fmt"
 	"io"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
@@ -22,10 +20,6 @@ type Allocation struct {
 	BackingFile   string         // optional backing file name
 	BackingFormat string         // its format, e.g. "raw"
 }
-
-// ErrDataOverrun is returned by Writer.Write when more data is written than
-// the layout has room for.
-var ErrDataOverrun = errors.New("qcow: more data written than the image allocates")
 
 // Writer writes a qcow2 image front to back in the layout described by
 // Layout: first the metadata (WriteMetadata), then the data clusters in
@@ -46,11 +40,11 @@ type Writer struct {
 // written until WriteMetadata.
 func NewWriter(w io.Writer, a Allocation) (*Writer, error) {
 	if a.Data == nil {
-		return nil, errors.New("qcow: allocation has no data bitmap")
+		return nil, errorf("allocation has no data bitmap")
 	}
 	clusters := (a.VirtualSize + (1 << a.ClusterBits) - 1) >> a.ClusterBits
 	if a.Data.Len() < clusters || (a.Zero != nil && a.Zero.Len() < clusters) {
-		return nil, errors.New("qcow: allocation bitmap shorter than the disk")
+		return nil, errorf("allocation bitmap shorter than the disk")
 	}
 	l2 := countL2Tables(a, uint64(1)<<(a.ClusterBits-3))
 	layout, err := PlanLayout(a.VirtualSize, a.ClusterBits, a.RefcountOrder, l2, a.Data.Count())
@@ -93,7 +87,7 @@ func countL2Tables(a Allocation, perTable uint64) uint64 {
 // few clusters whatever the size of the disk.
 func (w *Writer) WriteMetadata() error {
 	if w.meta {
-		return errors.New("qcow: metadata already written")
+		return errorf("metadata already written")
 	}
 	w.meta = true
 	l := w.layout
@@ -171,7 +165,7 @@ func (w *Writer) WriteMetadata() error {
 		}
 	}
 	if nextData != l.Size() {
-		return fmt.Errorf("qcow: internal error: data ends at %d, layout at %d", nextData, l.Size())
+		return errorf("internal error: data ends at %d, layout at %d", nextData, l.Size())
 	}
 	return bw.Flush()
 }
@@ -234,7 +228,7 @@ func (w *Writer) Close() error {
 		}
 	}
 	if r := w.Remaining(); r != 0 {
-		return fmt.Errorf("qcow: image incomplete: %d data bytes missing", r)
+		return errorf("image incomplete: %d data bytes missing", r)
 	}
 	return nil
 }

@@ -96,13 +96,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	}
 
 	// The stream decoder reads data runs straight into the sink's pending
-	// write (see qcow.ReaderOptions.DataBuffer): set once the sink exists.
+	// write (see qcow.ReaderOptions.Lend): set once the sink exists.
 	var sink *Sink
 	lend := func(off uint64, n int) []byte {
 		if sink == nil || off > math.MaxInt64 {
 			return nil
 		}
-		return sink.Buffer(int64(off), n)
+		return sink.Lend(int64(off), n)
 	}
 	r, err := openReader(ctx, opt, lend)
 	if err != nil {
@@ -229,7 +229,7 @@ func openReader(ctx context.Context, opt Options, lend func(off uint64, n int) [
 		}
 	}
 	rawdisk.GrowPipe(f, inputPipeSize)
-	ropts.DataBuffer = lend
+	ropts.Lend = lend
 	// A read blocked on a silent sender is not interrupted by a signal:
 	// the command line ends the run after a grace period (wrapper).
 	return qcow.NewReader(bufio.NewReaderSize(ctxReader{ctx, f}, streamBuffer), ropts)

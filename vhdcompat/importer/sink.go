@@ -105,7 +105,7 @@ type Sink struct {
 	async *asyncTarget
 	free  chan []byte
 
-	// lent is the pending room handed out by Buffer, until the next call.
+	// lent is the pending room handed out by Lend, until the next call.
 	lent    []byte
 	lentOff int64
 }
@@ -200,12 +200,12 @@ func (s *Sink) check(off, n int64) error {
 
 func (s *Sink) knownZero(off int64) bool { return off >= s.opt.KnownZeroFrom }
 
-// Buffer lends the memory of the pending write that the n bytes of the
+// Lend lends the memory of the pending write that the n bytes of the
 // disk at off would be copied into (or the first bytes of them: fewer
 // when the write is nearly full): a caller that fills it and passes that
 // memory to Data, as its next call, saves the copy. Any other next call
-// takes the loan back. Nil when off is outside the disk.
-func (s *Sink) Buffer(off int64, n int) []byte {
+// takes the lent memory back. Nil when off is outside the disk.
+func (s *Sink) Lend(off int64, n int) []byte {
 	s.settle()
 	if n <= 0 || s.check(off, 0) != nil || off >= s.opt.Size {
 		return nil
@@ -218,7 +218,7 @@ func (s *Sink) Buffer(off int64, n int) []byte {
 	return dst
 }
 
-// settle ends a loan of Buffer that Data did not use: the pending write
+// settle ends memory lent by Lend that Data did not use: the pending write
 // ends where it did before.
 func (s *Sink) settle() {
 	if s.lent != nil {
@@ -231,7 +231,7 @@ func (s *Sink) settle() {
 // instead of written, when the pending write is flushed).
 func (s *Sink) Data(off int64, p []byte) error {
 	if lent := s.lent; lent != nil && off == s.lentOff && len(p) > 0 && len(p) <= len(lent) && &p[0] == &lent[0] {
-		// Filled in place: keep what was filled of the loan.
+		// Filled in place: keep what was filled of the lent memory.
 		s.lent = nil
 		s.end -= int64(len(lent) - len(p))
 		return nil

@@ -300,11 +300,11 @@ func TestSinkDirectOddSizes(t *testing.T) {
 	}
 }
 
-// TestSinkBufferLoans: bytes filled into the memory Buffer lends and
+// TestSinkLend: bytes filled into the memory Lend lends and
 // passed to Data are written where they belong, in one write with their
-// neighbours; a loan that the next call does not use (or uses only in
+// neighbours; a lent buffer that the next call does not use (or uses only in
 // part) leaves nothing of itself in the pending write.
-func TestSinkBufferLoans(t *testing.T) {
+func TestSinkLend(t *testing.T) {
 	const size = 8 << 20
 	ct, p := disk(t, size, false)
 	s := NewSink(ct, SinkOptions{Size: size, KnownZeroFrom: size})
@@ -316,7 +316,7 @@ func TestSinkBufferLoans(t *testing.T) {
 		t.Fatal(err)
 	}
 	copy(want, src[:64<<10])
-	b := s.Buffer(64<<10, 1<<20)
+	b := s.Lend(64<<10, 1<<20)
 	if len(b) != 1<<20 {
 		t.Fatalf("lent %d bytes, want 1 MiB", len(b))
 	}
@@ -326,16 +326,16 @@ func TestSinkBufferLoans(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Lent, filled only in part: the rest of the loan is not written.
-	b = s.Buffer(64<<10+1<<20, 1<<20)
+	// Lent, filled only in part: the rest of the lent buffer is not written.
+	b = s.Lend(64<<10+1<<20, 1<<20)
 	copy(b, bytes.Repeat([]byte{0x55}, len(b)))
 	if err := s.Data(64<<10+1<<20, b[:4096]); err != nil {
 		t.Fatal(err)
 	}
 	copy(want[64<<10+1<<20:], bytes.Repeat([]byte{0x55}, 4096))
 
-	// Lent, then something else: the loan is taken back untouched.
-	b = s.Buffer(2<<20, 1<<20)
+	// Lent, then something else: the lent buffer is taken back untouched.
+	b = s.Lend(2<<20, 1<<20)
 	copy(b, bytes.Repeat([]byte{0x66}, len(b)))
 	if err := s.Zero(6<<20, 64<<10); err != nil {
 		t.Fatal(err)
@@ -347,11 +347,11 @@ func TestSinkBufferLoans(t *testing.T) {
 	if ct.writes[0] != [2]int64{0, 64<<10 + 1<<20 + 4096} {
 		t.Fatalf("first write %v, want the copied and lent bytes in one", ct.writes[0])
 	}
-	// Outside the disk: no loan.
-	if b := s.Buffer(size, 4096); b != nil {
+	// Outside the disk: nothing lent.
+	if b := s.Lend(size, 4096); b != nil {
 		t.Fatalf("lent %d bytes past the end of the disk", len(b))
 	}
-	if b := s.Buffer(size-4096, 1<<20); len(b) != 4096 {
+	if b := s.Lend(size-4096, 1<<20); len(b) != 4096 {
 		t.Fatalf("lent %d bytes for the last 4 KiB", len(b))
 	}
 	if err := s.Flush(); err != nil {
