@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 func TestHeaderRoundTrip(t *testing.T) {
@@ -41,7 +43,7 @@ func TestHeaderRoundTrip(t *testing.T) {
 // TestHeaderAgainstQemuInfo writes a metadata-only image (no data) and
 // checks what qemu-img info reads from the header we encoded.
 func TestHeaderAgainstQemuInfo(t *testing.T) {
-	needQemuImg(t)
+	qemutest.Need(t, "qemu-img")
 	for _, c := range []struct {
 		size    uint64
 		cb, ord uint32
@@ -74,7 +76,7 @@ func TestHeaderAgainstQemuInfo(t *testing.T) {
 		if c.backing != "" {
 			args = []string{"info", "--output=json", "-U", p}
 		}
-		if err := json.Unmarshal(qemuImg(t, args...), &info); err != nil {
+		if err := json.Unmarshal(qemutest.Img(t, args...), &info); err != nil {
 			t.Fatal(err)
 		}
 		if info.VirtualSize != c.size || info.ClusterSize != 1<<c.cb || info.FormatSpecific.Data.Compat != "1.1" ||

@@ -7,7 +7,6 @@ import (
 	"io"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // streamOnly hides ReadAt and Seek: the decoder must see a pipe.
@@ -353,27 +353,6 @@ func (markSource) ReadAt(p []byte, off int64) (int, error) {
 
 // ---- images made by qemu ----
 
-func needQemuIO(t testing.TB) {
-	t.Helper()
-	needQemuImg(t)
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("SKIP: qemu-io not installed (Debian package qemu-utils)")
-	}
-}
-
-func qemuIO(t testing.TB, img string, cmds ...string) {
-	t.Helper()
-	args := []string{"-f", "qcow2"}
-	for _, c := range cmds {
-		args = append(args, "-c", c)
-	}
-	args = append(args, img)
-	out, err := exec.Command("qemu-io", args...).CombinedOutput()
-	if err != nil || bytes.Contains(out, []byte("error")) || bytes.Contains(out, []byte("failed")) {
-		t.Fatalf("qemu-io %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
 // scatter is a set of qemu-io writes touching data, zero and discard
 // paths at several places of a 6 MiB disk.
 var scatter = []string{
@@ -429,20 +408,20 @@ func makeQemuImage(t *testing.T, dir string, c qemuCase) (img string, raw []byte
 	t.Helper()
 	img = filepath.Join(dir, c.name+".qcow2")
 	args := append([]string{"create", "-q", "-f", "qcow2"}, c.create...)
-	qemuImg(t, append(args, img, "6M")...)
+	qemutest.Img(t, append(args, img, "6M")...)
 	for i, cmds := range c.io {
 		if i > 0 && c.snapshot {
-			qemuImg(t, "snapshot", "-c", fmt.Sprintf("s%d", i), img)
+			qemutest.Img(t, "snapshot", "-c", fmt.Sprintf("s%d", i), img)
 		}
-		qemuIO(t, img, cmds...)
+		qemutest.IO(t, img, cmds...)
 	}
 	if c.convert != nil {
 		conv := filepath.Join(dir, c.name+"-conv.qcow2")
-		qemuImg(t, append(append([]string{"convert", "-f", "qcow2", "-O", "qcow2"}, c.convert...), img, conv)...)
+		qemutest.Img(t, append(append([]string{"convert", "-f", "qcow2", "-O", "qcow2"}, c.convert...), img, conv)...)
 		img = conv
 	}
 	rawPath := filepath.Join(dir, c.name+".raw")
-	qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", img, rawPath)
+	qemutest.Img(t, "convert", "-f", "qcow2", "-O", "raw", img, rawPath)
 	raw, err := os.ReadFile(rawPath)
 	if err != nil {
 		t.Fatal(err)
@@ -451,7 +430,7 @@ func makeQemuImage(t *testing.T, dir string, c qemuCase) (img string, raw []byte
 }
 
 func TestReaderQemuImages(t *testing.T) {
-	needQemuIO(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	for _, c := range qemuCases() {
 		t.Run(c.name, func(t *testing.T) {
@@ -477,7 +456,7 @@ func TestReaderQemuImages(t *testing.T) {
 // TestReaderStreamLayoutErrors: an image whose L1 follows the data cannot
 // be streamed within a small buffer, but is read by offset.
 func TestReaderBufferBound(t *testing.T) {
-	needQemuIO(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	c := qemuCase{name: "snap", io: [][]string{scatter, {"write -P 0x77 0 32k", "write -P 0x78 3M 64k"}}, snapshot: true}
 	img, raw := makeQemuImage(t, dir, c)

@@ -3,30 +3,13 @@ package qcow
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/bitmap"
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
-
-// needQemuImg skips with a visible message when qemu-img is missing.
-func needQemuImg(t testing.TB) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("SKIP: qemu-img not installed (Debian package qemu-utils)")
-	}
-}
-
-func qemuImg(t testing.TB, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command("qemu-img", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return out
-}
 
 func TestPlanLayoutFixedPoint(t *testing.T) {
 	// With 512-byte clusters and 64-bit refcounts a block holds 64
@@ -66,7 +49,7 @@ func TestPlanLayoutTooLarge(t *testing.T) {
 // TestEncodeQemuCheck writes images across cluster sizes, refcount widths
 // and fill patterns, and lets qemu-img judge them.
 func TestEncodeQemuCheck(t *testing.T) {
-	needQemuImg(t)
+	qemutest.Need(t, "qemu-img")
 	dir := t.TempDir()
 	for _, cb := range []uint32{9, 12, 16, 21} {
 		for _, order := range []uint32{0, 4, 6} {
@@ -77,13 +60,13 @@ func TestEncodeQemuCheck(t *testing.T) {
 			rawPath := filepath.Join(dir, "x.raw")
 			os.WriteFile(img, enc, 0o644)
 			os.WriteFile(rawPath, raw, 0o644)
-			qemuImg(t, "check", img)
-			qemuImg(t, "compare", "-f", "qcow2", "-F", "raw", img, rawPath)
+			qemutest.Img(t, "check", img)
+			qemutest.Img(t, "compare", "-f", "qcow2", "-F", "raw", img, rawPath)
 			var info struct {
 				VirtualSize uint64 `json:"virtual-size"`
 				ClusterSize uint64 `json:"cluster-size"`
 			}
-			json.Unmarshal(qemuImg(t, "info", "--output=json", img), &info)
+			json.Unmarshal(qemutest.Img(t, "info", "--output=json", img), &info)
 			if info.VirtualSize != size || info.ClusterSize != 1<<cb {
 				t.Fatalf("qemu-img info: %+v", info)
 			}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // Changed block tracking: `stream --changed-blocks` takes the base64 bitmap
@@ -91,7 +93,7 @@ func readFile(t testing.TB, path string) []byte {
 // does not flag: they differ from the base, so they would show if an
 // unflagged block were read.
 func TestChangedBlocksRelativeTo(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	const blocks = 80 // 5 MiB: the last 1 MiB cluster holds no flagged block
 	const size = blocks * cbtBlock
 	r := rand.New(rand.NewSource(7))
@@ -136,13 +138,13 @@ func TestChangedBlocksRelativeTo(t *testing.T) {
 			diff := filepath.Join(dir, "diff.qcow2")
 			exportToFile(t, diff, "stream", "--source", srcPath, "--relative-to", basePath,
 				"--changed-blocks", bm, "--cluster-size", fmt.Sprint(cs), "--backing-file", basePath)
-			qemuCheck(t, diff)
+			qemutest.Check(t, diff)
 			if got, want := dataExtents(t, diff), cbtExtents(cs, size, flagged); fmt.Sprint(got) != fmt.Sprint(want) {
 				t.Fatalf("diff stores %v, want exactly the flagged clusters %v", got, want)
 			}
 			// Read through its backing file, the diff is the new disk
 			// (minus the stray bytes nobody flagged).
-			qemuCompare(t, diff, wantPath)
+			qemutest.Compare(t, diff, wantPath)
 
 			// Applied by our importer onto a copy of the base.
 			applied := filepath.Join(dir, "applied.raw")
@@ -175,7 +177,7 @@ func firstDiff(a, b []byte) int {
 // exported (the rest reads as zeros), whatever else the source holds. The
 // bitmap comes on a descriptor, as xapi would pass it.
 func TestChangedBlocksNoBase(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	const size = 32 * cbtBlock
 	r := rand.New(rand.NewSource(8))
 	src := make([]byte, size)
@@ -208,13 +210,13 @@ func TestChangedBlocksNoBase(t *testing.T) {
 		t.Fatalf("stream --changed-blocks fd://3: %v: %s", err, errb.Bytes())
 	}
 	out.Close()
-	qemuCheck(t, img)
+	qemutest.Check(t, img)
 	if got, want := dataExtents(t, img), cbtExtents(64<<10, size, flagged); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("image stores %v, want exactly the flagged blocks %v", got, want)
 	}
 	wantPath := filepath.Join(dir, "want.raw")
 	writeFile(t, wantPath, cbtExpected(src, nil, 64<<10, flagged))
-	qemuCompare(t, img, wantPath)
+	qemutest.Compare(t, img, wantPath)
 }
 
 // TestChangedBlocksRefusals: a bitmap that does not cover the disk, or is

@@ -4,18 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
-	"unsafe"
 
-	"golang.org/x/sys/unix"
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // hintedImage is a qcow2 file, its raw view (what the block device behind
@@ -34,18 +30,14 @@ type hintedImage struct {
 func makeHintedImage(t *testing.T, dir, name string, cs, size int64, writes []string, stray []int64) *hintedImage {
 	t.Helper()
 	h := &hintedImage{qcow2: filepath.Join(dir, name+".qcow2"), raw: filepath.Join(dir, name+".raw"), size: size, cs: cs}
-	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", fmt.Sprintf("cluster_size=%d", cs), h.qcow2, fmt.Sprint(size))
-	args := []string{"-f", "qcow2"}
-	for _, w := range writes {
-		args = append(args, "-c", w)
-	}
-	qemu(t, "qemu-io", append(args, h.qcow2)...)
-	qemu(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", h.qcow2, h.raw)
-	h.mapJSON = qemu(t, "qemu-img", "map", "--output=json", h.qcow2)
-	h.infoJSON = qemu(t, "qemu-img", "info", "--output=json", h.qcow2)
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-o", fmt.Sprintf("cluster_size=%d", cs), h.qcow2, fmt.Sprint(size))
+	qemutest.IO(t, h.qcow2, writes...)
+	qemutest.Img(t, "convert", "-f", "qcow2", "-O", "raw", h.qcow2, h.raw)
+	h.mapJSON = qemutest.Img(t, "map", "--output=json", h.qcow2)
+	h.infoJSON = qemutest.Img(t, "info", "--output=json", h.qcow2)
 	r := rand.New(rand.NewSource(int64(len(name))))
 	for _, off := range stray {
-		for _, e := range qemuMap(t, h.qcow2) {
+		for _, e := range qemutest.Map(t, h.qcow2) {
 			if e.Data && off < e.Start+e.Length && off+4096 > e.Start {
 				t.Fatalf("stray bytes at %d would land in allocated data", off)
 			}
@@ -61,7 +53,7 @@ func (h *hintedImage) legacyHeader(t *testing.T, flat bool) []byte {
 	t.Helper()
 	var intervals [][2]int64
 	var indices []int64
-	for _, e := range qemuMap(t, h.qcow2) {
+	for _, e := range qemutest.Map(t, h.qcow2) {
 		if !e.Data || e.Zero {
 			continue
 		}
@@ -97,7 +89,7 @@ func (h *hintedImage) legacyHeader(t *testing.T, flat bool) []byte {
 // raw view — and is the same, byte for byte, as `stream` with the same
 // hints.
 func TestDropinExportWithHints(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	// The virtual size is not a multiple of the cluster size: the last
 	// map extent ends inside a cluster, which must still be exported.
@@ -112,9 +104,9 @@ func TestDropinExportWithHints(t *testing.T) {
 			r := runWithFiles(t, tool, nil, out, []*os.File{hintPipe(t, h.mapJSON), hintPipe(t, h.infoJSON)},
 				h.raw, "--json-header-map", "3", "--json-header-info", "4")
 			mustSucceed(t, r, name)
-			qemuCheck(t, out)
-			qemu(t, "qemu-img", "compare", out, h.qcow2)
-			if got := qemuInfo(t, out).VirtualSize; got != size {
+			qemutest.Check(t, out)
+			qemutest.Img(t, "compare", out, h.qcow2)
+			if got := qemutest.InfoOf(t, out).VirtualSize; got != size {
 				t.Fatalf("virtual size %d, want %d", got, size)
 			}
 		})
@@ -149,17 +141,17 @@ func TestDropinExportWithHints(t *testing.T) {
 // legacy cluster_bits) replaces the default, and an image whose map has
 // nothing allocated exports as empty even when the raw view holds bytes.
 func TestDropinHintClusterSize(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	h := makeHintedImage(t, dir, "small", 4096, 4<<20, []string{"write -P 0x44 4096 5000", "write -P 0x55 1M 512"}, []int64{2 << 20})
 	tool := linkAs(t, "qcow2-to-stdout.py")
 	out := filepath.Join(dir, "out.qcow2")
 	mustSucceed(t, runWithFiles(t, tool, nil, out, []*os.File{hintPipe(t, h.mapJSON), hintPipe(t, h.infoJSON)},
 		h.raw, "--json-header-map", "3", "--json-header-info", "4"), "4 KiB hints")
-	if cs := qemuInfo(t, out).ClusterSize; cs != 4096 {
+	if cs := qemutest.InfoOf(t, out).ClusterSize; cs != 4096 {
 		t.Fatalf("cluster size %d, want the hints' 4096", cs)
 	}
-	qemu(t, "qemu-img", "compare", out, h.qcow2)
+	qemutest.Img(t, "compare", out, h.qcow2)
 	if got, want := dataExtents(t, out), [][2]int64{{4096, 8192}, {1 << 20, 4096}}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("data extents %v, want %v", got, want)
 	}
@@ -182,7 +174,7 @@ func TestDropinHintClusterSize(t *testing.T) {
 // when equal (a base cluster of zeros). The diff applied with
 // qcow-stream-tool stream_decode onto the base rebuilds the source.
 func TestDropinDiffWithHints(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	const size = 8 << 20
 	base := makeHintedImage(t, dir, "base", 65536, size, []string{
@@ -204,7 +196,7 @@ func TestDropinDiffWithHints(t *testing.T) {
 		[]*os.File{hintPipe(t, base.mapJSON), hintPipe(t, base.infoJSON), hintPipe(t, src.mapJSON), hintPipe(t, src.infoJSON)},
 		src.raw, "--diff", base.raw, "--json-header-diff-map", "3", "--json-header-diff-info", "4",
 		"--json-header-map", "5", "--json-header-info", "6"), "diff")
-	qemuCheck(t, out)
+	qemutest.Check(t, out)
 	want := [][2]int64{{1 << 16, 1 << 16}, {1 << 20, 1 << 16}, {4 << 20, 1 << 16}}
 	if got := dataExtents(t, out); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("diff data extents %v, want %v", got, want)
@@ -223,7 +215,7 @@ func TestDropinDiffWithHints(t *testing.T) {
 	// Apply the diff to a copy of the base (its qcow2 content, without the
 	// stray bytes) with qcow-stream-tool, then compare with the source.
 	target := filepath.Join(dir, "target.raw")
-	qemu(t, "qemu-img", "convert", "-O", "raw", base.qcow2, target)
+	qemutest.Img(t, "convert", "-O", "raw", base.qcow2, target)
 	diff, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
@@ -233,13 +225,13 @@ func TestDropinDiffWithHints(t *testing.T) {
 	if len(r.Stdout) != 0 {
 		t.Fatalf("stream_decode wrote %d bytes on stdout", len(r.Stdout))
 	}
-	qemu(t, "qemu-img", "compare", "-F", "raw", "-f", "qcow2", src.qcow2, target)
+	qemutest.Img(t, "compare", "-F", "raw", "-f", "qcow2", src.qcow2, target)
 }
 
 // TestDropinStreamDecodeLoopDevice: xapi's import command line into a
 // block device.
 func TestDropinStreamDecodeLoopDevice(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	h := makeHintedImage(t, dir, "img", 65536, 4<<20, []string{"write -P 0x5a 64k 128k", "write -P 0xa5 3M 4k"}, nil)
 	img := filepath.Join(dir, "export.qcow2")
@@ -265,14 +257,14 @@ func TestDropinStreamDecodeLoopDevice(t *testing.T) {
 		t.Fatal("stream_decode wrote a cluster the image does not allocate")
 	}
 	zeroRange(t, disk, 2<<20, 65536)
-	qemu(t, "qemu-img", "compare", "-F", "raw", "-f", "qcow2", h.qcow2, disk)
+	qemutest.Img(t, "compare", "-F", "raw", "-f", "qcow2", h.qcow2, disk)
 }
 
 // TestDropinCommandLineForms: argparse's forms (options before the path,
 // --opt=value, -cVALUE, "--") and the long program name give the same
 // image as stream with the same options.
 func TestDropinCommandLineForms(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(11))
 	src := filepath.Join(dir, "src.img")
@@ -397,7 +389,7 @@ func machineProgress(t *testing.T, out []byte) {
 // TestDropinMachineProgress: stream with xapi's vhd-tool options, the data
 // on a descriptor or in a file, progress on stdout.
 func TestDropinMachineProgress(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(12))
 	src := filepath.Join(dir, "src.img")
@@ -418,7 +410,7 @@ func TestDropinMachineProgress(t *testing.T) {
 	f.Close()
 	mustSucceed(t, res, "stream --destination-fd")
 	machineProgress(t, res.Stdout)
-	qemuCompare(t, out, src)
+	qemutest.Compare(t, out, src)
 
 	out2 := filepath.Join(dir, "file.qcow2")
 	res = runWithFiles(t, bin, nil, "", nil, append([]string{"stream"}, append(common, "--destination", "file://"+out2, "-v")...)...)
@@ -453,147 +445,6 @@ func TestDropinMachineProgress(t *testing.T) {
 			t.Fatalf("--destination-protocol %s: exit %d, want 2", p, res.Code)
 		}
 	}
-}
-
-// dropinPty opens a pseudo-terminal pair (posix_openpt, unlockpt, ptsname).
-func dropinPty(t *testing.T) (master, slave *os.File) {
-	t.Helper()
-	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skipf("SKIP: no pseudo-terminals here: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	var unlock int32
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, m.Fd(), unix.TIOCSPTLCK, uintptr(unsafe.Pointer(&unlock))); e != 0 {
-		t.Skipf("SKIP: unlockpt refused: %v", e)
-	}
-	n, err := unix.IoctlGetUint32(int(m.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Skipf("SKIP: ptsname refused: %v", err)
-	}
-	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skipf("SKIP: opening /dev/pts/%d: %v", n, err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return m, s
-}
-
-// TestDropinTerminalRefused: stdout on a terminal is refused before any
-// byte is written, for the drop-in and for stream.
-func TestDropinTerminalRefused(t *testing.T) {
-	dir := t.TempDir()
-	src := filepath.Join(dir, "src.img")
-	sparseFile(t, src, 1<<20)
-	writeRandom(t, rand.New(rand.NewSource(1)), src, 0, 4096)
-	_, slave := dropinPty(t)
-	for _, c := range []struct {
-		tool string
-		args []string
-	}{
-		{linkAs(t, "qcow2-to-stdout.py"), []string{src}},
-		{bin, []string{"stream", "--source", src}},
-	} {
-		cmd := exec.Command(c.tool, c.args...)
-		cmd.Stdout = slave
-		var errb bytes.Buffer
-		cmd.Stderr = &errb
-		err := cmd.Run()
-		ee, ok := err.(*exec.ExitError)
-		if !ok || ee.ExitCode() != 1 {
-			t.Fatalf("%s: %v, want exit 1", filepath.Base(c.tool), err)
-		}
-		checkOneLineError(t, result{nil, errb.Bytes(), 1}, "terminal")
-	}
-}
-
-// startExport starts a drop-in export of src with stdout on w.
-func startExport(t *testing.T, src string, w *os.File) (*exec.Cmd, *bytes.Buffer) {
-	t.Helper()
-	cmd := exec.Command(linkAs(t, "qcow2-to-stdout.py"), src)
-	cmd.Stdout = w
-	var errb bytes.Buffer
-	cmd.Stderr = &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	w.Close()
-	return cmd, &errb
-}
-
-// waitExit waits at most limit for cmd and returns its exit status.
-func waitExit(t *testing.T, cmd *exec.Cmd, limit time.Duration) int {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if ee, ok := err.(*exec.ExitError); ok {
-			return ee.ExitCode()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return 0
-	case <-time.After(limit):
-		cmd.Process.Kill()
-		<-done
-		t.Fatalf("still running after %v", limit)
-	}
-	return -1
-}
-
-// TestDropinSignalsAndEPIPE: SIGTERM while the output pipe is full and
-// nobody reads it, and a reader that goes away, both end the run promptly
-// with one line and a non-zero status.
-func TestDropinSignalsAndEPIPE(t *testing.T) {
-	dir := t.TempDir()
-	src := filepath.Join(dir, "src.img")
-	writeRandom(t, rand.New(rand.NewSource(13)), src, 0, 24<<20)
-	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
-		t.Run(sig.String(), func(t *testing.T) {
-			r, w, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer r.Close()
-			cmd, errb := startExport(t, src, w)
-			time.Sleep(500 * time.Millisecond) // the pipe fills, the write blocks
-			start := time.Now()
-			cmd.Process.Signal(sig)
-			code := waitExit(t, cmd, 5*time.Second)
-			if code == 0 {
-				t.Fatal("exit 0 after a signal")
-			}
-			if el := time.Since(start); el > 3*time.Second {
-				t.Fatalf("took %v to stop", el)
-			}
-			checkOneLineError(t, result{nil, errb.Bytes(), code}, "interrupted")
-		})
-	}
-	t.Run("reader closes early", func(t *testing.T) {
-		r, w, err := os.Pipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cmd, errb := startExport(t, src, w)
-		if _, err := io.ReadFull(r, make([]byte, 100000)); err != nil {
-			t.Fatal(err)
-		}
-		r.Close()
-		start := time.Now()
-		code := waitExit(t, cmd, 5*time.Second)
-		if code == 0 {
-			t.Fatal("exit 0 after the reader went away")
-		}
-		if el := time.Since(start); el > time.Second {
-			t.Fatalf("took %v to notice the reader went away", el)
-		}
-		checkOneLineError(t, result{nil, errb.Bytes(), code}, "broken pipe")
-		if strings.Contains(errb.String(), "goroutine") || strings.Contains(errb.String(), "panic") {
-			t.Fatalf("traceback on stderr: %s", errb.String())
-		}
-	})
 }
 
 // TestStreamDecodeEmptyPath: an empty destination is a usage error.

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // fill patterns of the export matrix.
@@ -37,7 +39,7 @@ var fills = map[string]func(r *rand.Rand, buf []byte, cs int){
 // sizes that are not cluster aligned (nor 512 aligned) and fill patterns,
 // and lets qemu-img judge every image.
 func TestExportMatrix(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(7))
 	sizes := []int64{3<<20 + 1000, 1<<20 + 512}
@@ -54,9 +56,9 @@ func TestExportMatrix(t *testing.T) {
 					}
 					img := filepath.Join(dir, "out.qcow2")
 					exportToFile(t, img, "stream", "--source", raw, "--cluster-size", fmt.Sprint(cs), "--refcount-bits", fmt.Sprint(rb))
-					qemuCheck(t, img)
-					qemuCompare(t, img, raw)
-					info := qemuInfo(t, img)
+					qemutest.Check(t, img)
+					qemutest.Compare(t, img, raw)
+					info := qemutest.InfoOf(t, img)
 					if want := (size + 511) &^ 511; info.VirtualSize != want || info.ClusterSize != int64(cs) {
 						t.Fatalf("qemu-img info: virtual size %d cluster %d, want %d %d", info.VirtualSize, info.ClusterSize, want, cs)
 					}
@@ -86,7 +88,7 @@ func checkPackedInGuestOrder(t *testing.T, img string, raw []byte, cs int64) {
 		}
 	}
 	var next, dataBytes int64 = -1, 0
-	for _, e := range qemuMap(t, img) {
+	for _, e := range qemutest.Map(t, img) {
 		if !e.Data || e.Depth != 0 {
 			continue
 		}
@@ -146,7 +148,7 @@ func readHeader(t testing.TB, img string) rawHeader {
 
 // TestSeedWalkthrough is the walk-through the project started from.
 func TestSeedWalkthrough(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(3))
 	a := filepath.Join(dir, "a.img")
@@ -156,7 +158,7 @@ func TestSeedWalkthrough(t *testing.T) {
 	}
 	full := filepath.Join(dir, "full.qcow2")
 	exportToFile(t, full, "stream", "--source", a)
-	qemuCheck(t, full)
+	qemutest.Check(t, full)
 	if got := dataExtents(t, full); len(got) != 1 || got[0] != [2]int64{0, 0x30000} {
 		t.Fatalf("full export data extents %v, want [[0 0x30000]]", got)
 	}
@@ -165,14 +167,14 @@ func TestSeedWalkthrough(t *testing.T) {
 	writeRandom(t, r, b, 1<<16, 2<<16)
 	diff := filepath.Join(dir, "diff.qcow2")
 	exportToFile(t, diff, "stream", "--source", b, "--relative-to", a)
-	qemuCheck(t, diff)
+	qemutest.Check(t, diff)
 	if got := dataExtents(t, diff); len(got) != 1 || got[0] != [2]int64{0x10000, 0x20000} {
 		t.Fatalf("diff data extents %v, want [[0x10000 0x20000]]", got)
 	}
 	// Rebuild b: convert the full export, then apply the diff on top.
 	rebuilt := filepath.Join(dir, "rebuilt.img")
-	qemu(t, "qemu-img", "convert", "-O", "raw", full, rebuilt)
-	qemu(t, "qemu-img", "convert", "-n", "--target-is-zero", "-O", "raw", diff, rebuilt)
+	qemutest.Img(t, "convert", "-O", "raw", full, rebuilt)
+	qemutest.Img(t, "convert", "-n", "--target-is-zero", "-O", "raw", diff, rebuilt)
 	sameFiles(t, rebuilt, b)
 }
 
@@ -210,7 +212,7 @@ func sameFiles(t testing.TB, a, b string) {
 // source; with --backing-file the diff names it and qemu-img reads the
 // new disk whole through it.
 func TestExportDiffBaseSizes(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(4))
 	for _, baseSize := range []int64{1 << 20, 4<<20 + 4096, 8 << 20} {
@@ -233,11 +235,11 @@ func TestExportDiffBaseSizes(t *testing.T) {
 			zeroRange(t, src, 0, 4096)           // became zero
 			diff := filepath.Join(dir, "diff.qcow2")
 			exportToFile(t, diff, "stream", "--source", src, "--relative-to", base, "--backing-file", base)
-			qemuCheck(t, diff)
+			qemutest.Check(t, diff)
 			// qemu-img reads the diff through its backing file: compare the
 			// overlapping part with the source.
 			if baseSize >= 4<<20+4096 {
-				qemuCompare(t, diff, src)
+				qemutest.Compare(t, diff, src)
 			}
 			// Only clusters that differ are stored.
 			for _, e := range dataExtents(t, diff) {
@@ -285,7 +287,7 @@ func readAt(t testing.TB, path string, off, n int64) []byte {
 // TestExportBlockDevice exports a loop device, with and without O_DIRECT,
 // and checks the result against the file behind it.
 func TestExportBlockDevice(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(5))
 	file := filepath.Join(dir, "disk.img")
@@ -306,14 +308,14 @@ func TestExportBlockDevice(t *testing.T) {
 			}
 			img := filepath.Join(dir, "dev.qcow2")
 			exportToFile(t, img, args...)
-			qemuCheck(t, img)
-			qemuCompare(t, img, file)
-			if got := qemuInfo(t, img).VirtualSize; got != 6<<20+512 {
+			qemutest.Check(t, img)
+			qemutest.Compare(t, img, file)
+			if got := qemutest.InfoOf(t, img).VirtualSize; got != 6<<20+512 {
 				t.Fatalf("virtual size %d", got)
 			}
 			diff := filepath.Join(dir, "devdiff.qcow2")
 			exportToFile(t, diff, append(args, "--relative-to", baseDev)...)
-			qemuCheck(t, diff)
+			qemutest.Check(t, diff)
 			ext := dataExtents(t, diff)
 			if len(ext) != 1 || ext[0][0] != 3<<20 || ext[0][1] != 2<<16 {
 				t.Fatalf("diff of a block device: data extents %v", ext)
@@ -325,7 +327,7 @@ func TestExportBlockDevice(t *testing.T) {
 // TestExportDirectOddSize: O_DIRECT on a file whose size is not a multiple
 // of 512.
 func TestExportDirectOddSize(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	src := filepath.Join(dir, "odd.img")
 	sparseFile(t, src, 2<<20+777)
@@ -334,12 +336,12 @@ func TestExportDirectOddSize(t *testing.T) {
 	writeRandom(t, r, src, 2<<20, 777)
 	img := filepath.Join(dir, "odd.qcow2")
 	exportToFile(t, img, "stream", "--source", src, "--direct", "--cluster-size", "4096")
-	qemuCheck(t, img)
-	qemuCompare(t, img, src)
+	qemutest.Check(t, img)
+	qemutest.Compare(t, img, src)
 	base := filepath.Join(dir, "base.img")
 	sparseFile(t, base, 1000)
 	exportToFile(t, img, "stream", "--source", src, "--direct", "--relative-to", base)
-	qemuCheck(t, img)
+	qemutest.Check(t, img)
 }
 
 // TestExportRefusals: bad sources are refused before anything is written,

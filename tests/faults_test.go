@@ -20,14 +20,18 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // TestFaultExportReaderGoesAway: the reader (xapi's HTTP client) reads a
-// few KiB and closes the pipe; the tool ends with one line, at once.
+// few KiB and closes the pipe; the tool (stream, or the drop-in under the
+// name xapi runs) ends with one line, at once, without a traceback.
 func TestFaultExportReaderGoesAway(t *testing.T) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
 	fillFile(t, src, 48<<20)
+	dropin := linkAs(t, "qcow2-to-stdout.py")
 	for _, tc := range []struct {
 		name  string
 		extra []string
@@ -36,10 +40,16 @@ func TestFaultExportReaderGoesAway(t *testing.T) {
 		{"in-metadata", nil, 4 << 10},
 		{"in-data", nil, 3 << 20},
 		{"in-data-direct", []string{"--direct"}, 3 << 20},
+		{"drop-in", nil, 100000},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, w := pipe(t)
-			p := startTool(t, nil, w, append([]string{"stream", "--source", src}, tc.extra...)...)
+			var p *proc
+			if tc.name == "drop-in" {
+				p = startCmd(t, nil, w, []string{src}, dropin)
+			} else {
+				p = startTool(t, nil, w, append([]string{"stream", "--source", src}, tc.extra...)...)
+			}
 			w.Close()
 			if _, err := io.ReadFull(r, make([]byte, tc.after)); err != nil {
 				t.Fatalf("reading the first %d bytes: %v (stderr %q)", tc.after, err, p.stderr.String())
@@ -55,9 +65,9 @@ func TestFaultExportReaderGoesAway(t *testing.T) {
 	}
 }
 
-// TestFaultSignals: SIGTERM and SIGINT while the export is blocked on a
-// pipe nobody reads, and while the import waits for a stream that stalls
-// after its first clusters: the tool exits non-zero within 2 s with one
+// TestFaultSignals: SIGTERM and SIGINT while an export (stream or the
+// drop-in) is blocked on a pipe nobody reads, and while the import waits
+// for a stream that stalls after its first clusters: the tool exits non-zero within 2 s with one
 // line naming the signal, and the journal records the failure.
 func TestFaultSignals(t *testing.T) {
 	dir := t.TempDir()
@@ -73,15 +83,20 @@ func TestFaultSignals(t *testing.T) {
 
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		name := map[syscall.Signal]string{syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT"}[sig]
-		t.Run("export/"+name, func(t *testing.T) {
-			r, w := pipe(t)
-			p, journal := startWithJournal(t, nil, w, "stream", "--source", src)
-			w.Close()
-			waitPipe(t, r, 60<<10, p)
-			time.Sleep(200 * time.Millisecond) // let it block in write/sendfile
-			signalAndCheck(t, p, sig, name)
-			checkJournalSignal(t, journal, name)
-		})
+		for cmd, args := range map[string][]string{
+			"export":  {"stream", "--source", src},
+			"drop-in": {"qcow2-to-stdout", src},
+		} {
+			t.Run(cmd+"/"+name, func(t *testing.T) {
+				r, w := pipe(t)
+				p, journal := startWithJournal(t, nil, w, args...)
+				w.Close()
+				waitPipe(t, r, 60<<10, p)
+				time.Sleep(200 * time.Millisecond) // let it block in write/sendfile
+				signalAndCheck(t, p, sig, name)
+				checkJournalSignal(t, journal, name)
+			})
+		}
 		t.Run("import/"+name, func(t *testing.T) {
 			r, w := pipe(t)
 			dst := filepath.Join(t.TempDir(), "dst.img")
@@ -374,7 +389,7 @@ func TestFaultNotDisks(t *testing.T) {
 // applied with our import on a copy of the base cut to the source's size,
 // or read by qemu-img through its backing file, gives the source.
 func TestFaultBaseOfAnotherSize(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(64))
 	const size = 4<<20 + 4096
@@ -393,8 +408,8 @@ func TestFaultBaseOfAnotherSize(t *testing.T) {
 			writeRandom(t, r, base, baseSize-4096, 4096) // and in the base's tail
 			diff := filepath.Join(dir, "diff.qcow2")
 			exportToFile(t, diff, "stream", "--source", src, "--relative-to", base, "--backing-file", base)
-			qemuCheck(t, diff)
-			qemuCompare(t, diff, src)
+			qemutest.Check(t, diff)
+			qemutest.Compare(t, diff, src)
 
 			rebuilt := filepath.Join(dir, "rebuilt.img")
 			copyFile(t, base, rebuilt)
@@ -402,7 +417,7 @@ func TestFaultBaseOfAnotherSize(t *testing.T) {
 				t.Fatal(err)
 			}
 			mustRun(t, nil, "serve", "--delta", "--source", diff, "--destination", rebuilt)
-			qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", rebuilt, src)
+			qemutest.Img(t, "compare", "-f", "raw", "-F", "raw", rebuilt, src)
 		})
 	}
 }
@@ -421,19 +436,27 @@ func copyRange(t testing.TB, from, to string, n int64) {
 	}
 }
 
-// TestFaultTerminalRefused: a qcow2 image is never written to a terminal.
+// TestFaultTerminalRefused: a qcow2 image is never written to a terminal,
+// by stream or by the drop-in under either of its names.
 func TestFaultTerminalRefused(t *testing.T) {
 	master, slave := openPty(t)
 	src := filepath.Join(t.TempDir(), "src.img")
 	fillFile(t, src, 1<<20)
+	dropin := linkAs(t, "qcow2-to-stdout.py")
 	for _, args := range [][]string{
 		{"stream", "--source", src},
 		{"stream", "--source", src, "--destination", "stdout:"},
 		{"stream", "--source", src, "--destination-fd", "1"},
 		{"qcow2-to-stdout", src},
+		{dropin, src}, // the name xapi runs
 	} {
-		t.Run(strings.Join(append(args[:1:1], args[min(3, len(args)):]...), " "), func(t *testing.T) {
-			p := startTool(t, nil, slave, args...)
+		t.Run(filepath.Base(strings.Join(append(args[:1:1], args[min(3, len(args)):]...), " ")), func(t *testing.T) {
+			var p *proc
+			if args[0] == dropin {
+				p = startCmd(t, nil, slave, args[1:], dropin)
+			} else {
+				p = startTool(t, nil, slave, args...)
+			}
 			checkFailureLine(t, p.wait(t, 5*time.Second), p.stderr.String(), "terminal")
 			// One Fd call: os.File.Fd puts the descriptor back in
 			// blocking mode.
@@ -653,7 +676,7 @@ func TestFaultHostileStreams(t *testing.T) {
 				peak = max(peak, rss)
 				if code == 0 && c.refcountOnly {
 					if _, err := exec.LookPath("qemu-img"); err == nil {
-						qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", dst, src)
+						qemutest.Img(t, "compare", "-f", "raw", "-F", "raw", dst, src)
 					} else {
 						t.Log("qemu-img not installed: content of the accepted image not compared")
 					}

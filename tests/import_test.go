@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // runPiped runs the binary with the file img written into a real pipe on
@@ -69,7 +71,7 @@ func mustRunPiped(t testing.TB, img string, args ...string) result {
 // toRaw is qemu-img's reading of img: the reference for every import.
 func toRaw(t testing.TB, img, raw string) {
 	t.Helper()
-	qemu(t, "qemu-img", "convert", "-O", "raw", img, raw)
+	qemutest.Img(t, "convert", "-O", "raw", img, raw)
 }
 
 func checksum(t testing.TB, path string) [32]byte {
@@ -86,16 +88,6 @@ func fill(t testing.TB, path string, size int64, b byte) {
 	if err := os.WriteFile(path, bytes.Repeat([]byte{b}, int(size)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// qemuIO runs qemu-io commands on a qcow2 image.
-func qemuIO(t testing.TB, img string, cmds ...string) {
-	t.Helper()
-	args := []string{"-f", "qcow2"}
-	for _, c := range cmds {
-		args = append(args, "-c", c)
-	}
-	qemu(t, "qemu-io", append(args, img)...)
 }
 
 // scattered are writes in every flavour qemu-io has: data, zero writes
@@ -119,7 +111,7 @@ var scattered = []string{
 // through a pipe with serve and stream_decode and from a file, and
 // compares with qemu-img's own conversion to raw.
 func TestImportQemuShapes(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	// A raw source for the converted shapes: random data, zeros, holes.
 	src := filepath.Join(dir, "src.img")
@@ -132,13 +124,13 @@ func TestImportQemuShapes(t *testing.T) {
 
 	created := func(opts string, extra ...string) func(t *testing.T, img string) {
 		return func(t *testing.T, img string) {
-			qemu(t, "qemu-img", "create", "-f", "qcow2", "-o", opts, img, "8M")
-			qemuIO(t, img, append(scattered, extra...)...)
+			qemutest.Img(t, "create", "-f", "qcow2", "-o", opts, img, "8M")
+			qemutest.IO(t, img, append(scattered, extra...)...)
 		}
 	}
 	converted := func(args ...string) func(t *testing.T, img string) {
 		return func(t *testing.T, img string) {
-			qemu(t, "qemu-img", append(append([]string{"convert", "-O", "qcow2"}, args...), src, img)...)
+			qemutest.Img(t, append(append([]string{"convert", "-O", "qcow2"}, args...), src, img)...)
 		}
 	}
 	shapes := []struct {
@@ -161,10 +153,10 @@ func TestImportQemuShapes(t *testing.T) {
 		{"compressed_zstd", converted("-c", "-o", "compression_type=zstd")},
 		{"snapshots", func(t *testing.T, img string) {
 			created("compat=1.1")(t, img)
-			qemu(t, "qemu-img", "snapshot", "-c", "s1", img)
-			qemuIO(t, img, "write -P 0x99 0 128k", "write -z 1M 64k", "discard 7M 1M")
-			qemu(t, "qemu-img", "snapshot", "-c", "s2", img)
-			qemuIO(t, img, "write -P 0xaa 2M 64k")
+			qemutest.Img(t, "snapshot", "-c", "s1", img)
+			qemutest.IO(t, img, "write -P 0x99 0 128k", "write -z 1M 64k", "discard 7M 1M")
+			qemutest.Img(t, "snapshot", "-c", "s2", img)
+			qemutest.IO(t, img, "write -P 0xaa 2M 64k")
 		}},
 	}
 	for _, sh := range shapes {
@@ -255,8 +247,8 @@ func TestImportPast4TiB(t *testing.T) {
 // must produce on top of a disk full of 0xAA in delta and default modes.
 func deltaImage(t *testing.T, dir string) (img string, delta, full []byte) {
 	img = filepath.Join(dir, "delta.qcow2")
-	qemu(t, "qemu-img", "create", "-f", "qcow2", img, "4M")
-	qemuIO(t, img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k", "write -z 1M 64k", "write -z 2M 128k")
+	qemutest.Img(t, "create", "-f", "qcow2", img, "4M")
+	qemutest.IO(t, img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k", "write -z 1M 64k", "write -z 2M 128k")
 	delta = bytes.Repeat([]byte{0xAA}, 4<<20)
 	copy(delta, bytes.Repeat([]byte{0x11}, 64<<10))
 	clear(delta[1<<20 : 1<<20+64<<10])
@@ -267,7 +259,7 @@ func deltaImage(t *testing.T, dir string) (img string, delta, full []byte) {
 }
 
 func TestImportDeltaAndDefault(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, delta, full := deltaImage(t, dir)
 	for _, tc := range []struct {
@@ -300,7 +292,7 @@ func TestImportDeltaAndDefault(t *testing.T) {
 // vhd-tool: descriptor 5, machine progress on stdout, O_DIRECT, a declared
 // size and --prezeroed.
 func TestImportXapiCommandLine(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, _, full := deltaImage(t, dir)
 	dst := filepath.Join(dir, "vdi.img")
@@ -340,7 +332,7 @@ func TestImportXapiCommandLine(t *testing.T) {
 // TestImportLoopDevice imports into a block device: never resized, the
 // bytes past the image untouched.
 func TestImportLoopDevice(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, delta, full := deltaImage(t, dir)
 	back := filepath.Join(dir, "back.img")
@@ -370,7 +362,7 @@ func TestImportLoopDevice(t *testing.T) {
 // TestImportRefusesSmallDestination: an image larger than its destination
 // is refused before any write, whatever says the size.
 func TestImportRefusesSmallDestination(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, _, _ := deltaImage(t, dir)
 
@@ -398,7 +390,7 @@ func TestImportRefusesSmallDestination(t *testing.T) {
 // TestImportRefusesBackingFileAndTruncation: a diff naming a backing file
 // is refused outside delta mode; a truncated stream ends with one line.
 func TestImportRefusals(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	base := filepath.Join(dir, "base.img")
 	sparseFile(t, base, 4<<20)
@@ -463,7 +455,7 @@ func TestImportSeedWalkthroughWithOurImport(t *testing.T) {
 // as an open descriptor too (xapi opens the VDI and passes it), and an odd
 // virtual size still imports exactly.
 func TestImportDestinationFDDirect(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
 	sparseFile(t, src, 3<<20+512)

@@ -5,7 +5,6 @@ package tests
 
 import (
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"math/rand"
 	"os"
@@ -13,6 +12,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // bin is the path of the binary under test, built once by TestMain.
@@ -114,81 +115,16 @@ func checkOneLineError(t testing.TB, r result, want string) {
 	}
 }
 
-func needQemu(t testing.TB) {
-	t.Helper()
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("SKIP: %s not installed (Debian package qemu-utils)", p)
-		}
-	}
-}
-
-// qemu runs a qemu tool and fails the test on error.
-func qemu(t testing.TB, tool string, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command(tool, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
-	}
-	return out
-}
-
-// qemuCheck asserts qemu-img check finds no errors and no leaks.
-func qemuCheck(t testing.TB, img string) {
-	t.Helper()
-	qemu(t, "qemu-img", "check", img)
-}
-
-// qemuCompare asserts a qcow2 image has the content of a raw file.
-func qemuCompare(t testing.TB, img, raw string) {
-	t.Helper()
-	qemu(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, raw)
-}
-
-// mapEntry is one element of qemu-img map --output=json.
-type mapEntry struct {
-	Start  int64  `json:"start"`
-	Length int64  `json:"length"`
-	Depth  int    `json:"depth"`
-	Zero   bool   `json:"zero"`
-	Data   bool   `json:"data"`
-	Offset *int64 `json:"offset"`
-}
-
-func qemuMap(t testing.TB, img string) []mapEntry {
-	t.Helper()
-	var m []mapEntry
-	if err := json.Unmarshal(qemu(t, "qemu-img", "map", "--output=json", img), &m); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
 // dataExtents returns the [start, length] pairs qemu-img map reports as
 // data in the image itself (not in its backing file).
 func dataExtents(t testing.TB, img string) [][2]int64 {
 	var out [][2]int64
-	for _, e := range qemuMap(t, img) {
+	for _, e := range qemutest.Map(t, img) {
 		if e.Data && e.Depth == 0 {
 			out = append(out, [2]int64{e.Start, e.Length})
 		}
 	}
 	return out
-}
-
-type imgInfo struct {
-	VirtualSize int64  `json:"virtual-size"`
-	ClusterSize int64  `json:"cluster-size"`
-	Format      string `json:"format"`
-}
-
-func qemuInfo(t testing.TB, img string) imgInfo {
-	t.Helper()
-	var i imgInfo
-	if err := json.Unmarshal(qemu(t, "qemu-img", "info", "--output=json", img), &i); err != nil {
-		t.Fatal(err)
-	}
-	return i
 }
 
 // writeRandom writes n random bytes at off of path (creating it).

@@ -18,40 +18,13 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 	"github.com/xapi-project/xapi-qcow-tool/wrapper"
 )
 
-// fullMapEntry is every field of qemu-img map --output=json.
-type fullMapEntry struct {
-	Start   int64  `json:"start"`
-	Length  int64  `json:"length"`
-	Depth   int    `json:"depth"`
-	Present bool   `json:"present"`
-	Zero    bool   `json:"zero"`
-	Data    bool   `json:"data"`
-	Offset  *int64 `json:"offset"`
-}
-
-func (e fullMapEntry) String() string {
-	off := "-"
-	if e.Offset != nil {
-		off = fmt.Sprint(*e.Offset)
-	}
-	return fmt.Sprintf("{%d+%d depth %d present %t zero %t data %t offset %s}", e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data, off)
-}
-
-func parseMap(t *testing.T, what string, b []byte) []fullMapEntry {
-	t.Helper()
-	var m []fullMapEntry
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatalf("%s: %v\n%s", what, err, b)
-	}
-	return m
-}
-
 // remerge applies qemu-img map's merge rule again after a normalisation.
-func remerge(m []fullMapEntry) []fullMapEntry {
-	var out []fullMapEntry
+func remerge(m []qemutest.MapEntry) []qemutest.MapEntry {
+	var out []qemutest.MapEntry
 	for _, e := range m {
 		if n := len(out); n > 0 {
 			p := &out[n-1]
@@ -66,7 +39,7 @@ func remerge(m []fullMapEntry) []fullMapEntry {
 	return out
 }
 
-func sameMap(t *testing.T, what string, got, want []fullMapEntry) {
+func sameMap(t *testing.T, what string, got, want []qemutest.MapEntry) {
 	t.Helper()
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("%s differs from qemu-img map:\n got  %v\n want %v", what, got, want)
@@ -75,10 +48,10 @@ func sameMap(t *testing.T, what string, got, want []fullMapEntry) {
 
 // qemuMapNoBacking is qemu-img map of the image alone, its backing file
 // not opened: what our map describes.
-func qemuMapNoBacking(t *testing.T, img string) []fullMapEntry {
+func qemuMapNoBacking(t *testing.T, img string) []qemutest.MapEntry {
 	abs, _ := filepath.Abs(img)
 	spec := fmt.Sprintf(`json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":%q}}`, abs)
-	return parseMap(t, "qemu-img map", qemu(t, "qemu-img", "map", "--output=json", spec))
+	return qemutest.ParseMap(t, "qemu-img map", qemutest.Img(t, "map", "--output=json", spec))
 }
 
 // supportImage is an image qemu made, in one of the shapes we must read.
@@ -86,28 +59,6 @@ type supportImage struct {
 	name     string
 	make     func(t *testing.T, dir string) string
 	prealloc bool // preallocation=metadata: data on holes of the file
-}
-
-func supportQemuIO(t *testing.T, img string, cmds ...string) {
-	t.Helper()
-	var args []string
-	for _, c := range cmds {
-		args = append(args, "-c", c)
-	}
-	qemu(t, "qemu-io", append(args, img)...)
-}
-
-func createQcow(t *testing.T, img, opts, size string, cmds ...string) string {
-	t.Helper()
-	args := []string{"create", "-q", "-f", "qcow2"}
-	if opts != "" {
-		args = append(args, "-o", opts)
-	}
-	qemu(t, "qemu-img", append(args, img, size)...)
-	if len(cmds) > 0 {
-		supportQemuIO(t, img, cmds...)
-	}
-	return img
 }
 
 // compressible is a raw file with zeros, random data (incompressible:
@@ -129,43 +80,43 @@ func compressible(t *testing.T, dir string) string {
 
 var supportImages = []supportImage{
 	{name: "64k", make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "a.qcow2"), "", "8M",
+		return qemutest.Create(t, filepath.Join(dir, "a.qcow2"), "", "8M",
 			"write -P 1 0 100k", "write -z 1M 128k", "write -P 2 2M 192k", "discard 2M 64k", "write -P 3 5M 64k")
 	}},
 	{name: "512-byte clusters", make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "s.qcow2"), "cluster_size=512", "3M",
+		return qemutest.Create(t, filepath.Join(dir, "s.qcow2"), "cluster_size=512", "3M",
 			"write -P 1 0 10k", "write -P 2 1M 100k", "write -z 2M 4k", "discard 1M 1k")
 	}},
 	{name: "compressed zlib", make: func(t *testing.T, dir string) string {
 		img := filepath.Join(dir, "z.qcow2")
-		qemu(t, "qemu-img", "convert", "-c", "-O", "qcow2", compressible(t, dir), img)
+		qemutest.Img(t, "convert", "-c", "-O", "qcow2", compressible(t, dir), img)
 		return img
 	}},
 	{name: "compressed zstd", make: func(t *testing.T, dir string) string {
 		img := filepath.Join(dir, "zs.qcow2")
-		qemu(t, "qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", compressible(t, dir), img)
+		qemutest.Img(t, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", compressible(t, dir), img)
 		return img
 	}},
 	{name: "extended L2", make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "x.qcow2"), "extended_l2=on", "4M",
+		return qemutest.Create(t, filepath.Join(dir, "x.qcow2"), "extended_l2=on", "4M",
 			"write -P 1 0 4k", "write -P 2 68k 8k", "write -z 200k 4k", "write -P 3 1M 64k", "write -z 1M 2k")
 	}},
 	{name: "refcount bits 1, compat 0.10", make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "v2.qcow2"), "compat=0.10,refcount_bits=16", "2M",
+		return qemutest.Create(t, filepath.Join(dir, "v2.qcow2"), "compat=0.10,refcount_bits=16", "2M",
 			"write -P 1 64k 64k", "write -P 2 1M 4k")
 	}},
 	{name: "refcount bits 1", make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "r1.qcow2"), "refcount_bits=1", "2M",
+		return qemutest.Create(t, filepath.Join(dir, "r1.qcow2"), "refcount_bits=1", "2M",
 			"write -P 1 64k 64k", "write -z 1M 64k")
 	}},
 	{name: "preallocation metadata", prealloc: true, make: func(t *testing.T, dir string) string {
-		return createQcow(t, filepath.Join(dir, "p.qcow2"), "preallocation=metadata", "2M", "write -P 1 64k 64k")
+		return qemutest.Create(t, filepath.Join(dir, "p.qcow2"), "preallocation=metadata", "2M", "write -P 1 64k 64k")
 	}},
 	{name: "backing file", make: func(t *testing.T, dir string) string {
-		base := createQcow(t, filepath.Join(dir, "base.qcow2"), "", "4M", "write -P 1 0 1M")
+		base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "4M", "write -P 1 0 1M")
 		ov := filepath.Join(dir, "ov.qcow2")
-		qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", ov)
-		supportQemuIO(t, ov, "write -P 2 512k 128k", "write -z 2M 64k")
+		qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", ov)
+		qemutest.IO(t, ov, "write -P 2 512k 128k", "write -z 2M 64k")
 		return ov
 	}},
 }
@@ -189,7 +140,7 @@ type ourInfo struct {
 }
 
 func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	for _, si := range supportImages {
 		t.Run(si.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -207,7 +158,7 @@ func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
 			// map of the file: every field as qemu-img reports the image alone
 			// (ranges left to the backing file: depth 1, not inspected).
 			want := qemuMapNoBacking(t, img)
-			got := parseMap(t, "map", mustRun(t, nil, "map", "--output=json", img))
+			got := qemutest.ParseMap(t, "map", mustRun(t, nil, "map", "--output=json", img))
 			if backing {
 				for i := range got {
 					if got[i].Depth == 1 {
@@ -216,14 +167,14 @@ func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
 				}
 				got = remerge(got)
 			} else {
-				sameMap(t, "map (whole chain)", got, parseMap(t, "qemu-img map", qemu(t, "qemu-img", "map", "--output=json", img)))
+				sameMap(t, "map (whole chain)", got, qemutest.ParseMap(t, "qemu-img map", qemutest.Img(t, "map", "--output=json", img)))
 			}
 			sameMap(t, "map", got, want)
 
 			// map of a stream: the decoder sees no holes of a file and no host
 			// offsets of zero ranges; everything else, offsets included, holds.
-			norm := func(m []fullMapEntry, depthToZero bool) []fullMapEntry {
-				out := append([]fullMapEntry(nil), m...)
+			norm := func(m []qemutest.MapEntry, depthToZero bool) []qemutest.MapEntry {
+				out := append([]qemutest.MapEntry(nil), m...)
 				for i := range out {
 					if !out[i].Data {
 						out[i].Offset = nil
@@ -237,12 +188,12 @@ func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
 				}
 				return remerge(out)
 			}
-			streamed := parseMap(t, "map -", mustRun(t, data, "map", "--output=json", "-"))
+			streamed := qemutest.ParseMap(t, "map -", mustRun(t, data, "map", "--output=json", "-"))
 			sameMap(t, "map of the stream", norm(streamed, backing), norm(want, false))
 
 			// info: the fields qemu-img info has, from the file and the stream.
 			var q ourInfo
-			if err := json.Unmarshal(qemu(t, "qemu-img", "info", "--output=json", img), &q); err != nil {
+			if err := json.Unmarshal(qemutest.Img(t, "info", "--output=json", img), &q); err != nil {
 				t.Fatal(err)
 			}
 			var fromStream ourInfo
@@ -275,7 +226,7 @@ func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
 			}
 
 			// check: qemu-img check passes these, so must we, file and stream.
-			qemuCheck(t, img)
+			qemutest.Check(t, img)
 			for _, path := range []string{img, "-"} {
 				var in []byte
 				if path == "-" {
@@ -310,7 +261,7 @@ type checkJSON struct {
 }
 
 func TestSupportCheckOurExport(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "disk.raw")
 	r := rand.New(rand.NewSource(1))
@@ -321,7 +272,7 @@ func TestSupportCheckOurExport(t *testing.T) {
 	for _, cs := range []string{"65536", "4096"} {
 		img := filepath.Join(dir, "disk-"+cs+".qcow2")
 		exportToFile(t, img, "stream", "--source", raw, "--cluster-size", cs)
-		qemuCheck(t, img)
+		qemutest.Check(t, img)
 		data, _ := os.ReadFile(img)
 		for _, path := range []string{img, "-"} {
 			in := []byte(nil)
@@ -338,7 +289,7 @@ func TestSupportCheckOurExport(t *testing.T) {
 		}
 		// Our image-end-offset is qemu-img check's.
 		var q, c checkJSON
-		json.Unmarshal(qemu(t, "qemu-img", "check", "--output=json", img), &q)
+		json.Unmarshal(qemutest.Img(t, "check", "--output=json", img), &q)
 		json.Unmarshal(mustRun(t, nil, "check", "--output=json", img), &c)
 		if q.ImageEndOffset != c.ImageEndOffset || q.TotalClusters != c.TotalClusters || q.AllocatedClusters != c.AllocatedClusters {
 			t.Fatalf("check: %+v, qemu-img check: %+v", c, q)
@@ -373,10 +324,10 @@ func damage(t *testing.T, img, out string, f func(b []byte, l imageLayout) []byt
 }
 
 func TestSupportCheckDamaged(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
-	img := createQcow(t, filepath.Join(dir, "good.qcow2"), "", "4M", "write -P 1 0 200k", "write -P 2 1M 64k")
-	qemuCheck(t, img)
+	img := qemutest.Create(t, filepath.Join(dir, "good.qcow2"), "", "4M", "write -P 1 0 200k", "write -P 2 1M 64k")
+	qemutest.Check(t, img)
 	be := binary.BigEndian
 	cases := []struct {
 		name     string
@@ -447,7 +398,7 @@ func TestSupportCheckDamaged(t *testing.T) {
 }
 
 func TestSupportCompare(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(2))
 	a := filepath.Join(dir, "a.raw")
@@ -468,7 +419,7 @@ func TestSupportCompare(t *testing.T) {
 	os.WriteFile(c, buf, 0o644)
 	qcowOf := func(raw string, opts ...string) string {
 		img := strings.TrimSuffix(raw, ".raw") + ".qcow2"
-		qemu(t, "qemu-img", append(append([]string{"convert", "-O", "qcow2"}, opts...), raw, img)...)
+		qemutest.Img(t, append(append([]string{"convert", "-O", "qcow2"}, opts...), raw, img)...)
 		return img
 	}
 	aq, bq := qcowOf(a), qcowOf(b, "-c")
@@ -513,11 +464,11 @@ func mustRead(t *testing.T, path string) []byte {
 }
 
 func TestSupportBadInput(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	notQcow := filepath.Join(dir, "random.bin")
 	writeRandom(t, rand.New(rand.NewSource(3)), notQcow, 0, 1<<20)
-	good := createQcow(t, filepath.Join(dir, "good.qcow2"), "", "4M", "write -P 1 0 1M")
+	good := qemutest.Create(t, filepath.Join(dir, "good.qcow2"), "", "4M", "write -P 1 0 1M")
 	full := mustRead(t, good)
 	short := filepath.Join(dir, "short.qcow2")
 	os.WriteFile(short, full[:100], 0o644)
