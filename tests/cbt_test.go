@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -197,19 +196,8 @@ func TestChangedBlocksNoBase(t *testing.T) {
 	defer bm.Close()
 
 	img := filepath.Join(dir, "disk.qcow2")
-	out, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "stream", "--source", srcPath, "--changed-blocks", "fd://3")
-	cmd.ExtraFiles = []*os.File{bm}
-	cmd.Stdout = out
-	var errb bytes.Buffer
-	cmd.Stderr = &errb
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("stream --changed-blocks fd://3: %v: %s", err, errb.Bytes())
-	}
-	out.Close()
+	mustSucceed(t, runWithFiles(t, bin, nil, img, []*os.File{bm}, "stream", "--source", srcPath, "--changed-blocks", "fd://3"),
+		"stream --changed-blocks fd://3")
 	qemutest.Check(t, img)
 	if got, want := dataExtents(t, img), cbtExtents(64<<10, size, flagged); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("image stores %v, want exactly the flagged blocks %v", got, want)

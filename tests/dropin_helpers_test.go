@@ -1,14 +1,9 @@
 package tests
 
 import (
-	"bytes"
-	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 )
 
 // linkAs makes a symlink named name to the binary under test, the way a
@@ -37,51 +32,6 @@ func hintPipe(t testing.TB, data []byte) *os.File {
 	}()
 	t.Cleanup(func() { r.Close() })
 	return r
-}
-
-// runWithFiles runs path with args, stdin from in (nil: /dev/null), stdout
-// into the file out (when not empty, else captured), and extra descriptors
-// 3, 4, ...
-func runWithFiles(t testing.TB, path string, in []byte, out string, extra []*os.File, args ...string) result {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, path, args...)
-	if in != nil {
-		cmd.Stdin = bytes.NewReader(in)
-	}
-	var stdout, stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if out != "" {
-		f, err := os.Create(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		cmd.Stdout = f
-	} else {
-		cmd.Stdout = &stdout
-	}
-	cmd.ExtraFiles = extra
-	err := cmd.Run()
-	if ctx.Err() != nil {
-		t.Fatalf("%s %s: timed out", filepath.Base(path), strings.Join(args, " "))
-	}
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("running %s: %v", path, err)
-	}
-	return result{stdout.Bytes(), stderr.Bytes(), code}
-}
-
-// mustSucceed fails the test unless r is a success with a quiet stderr.
-func mustSucceed(t testing.TB, r result, what string) {
-	t.Helper()
-	if r.Code != 0 {
-		t.Fatalf("%s: exit %d: %s", what, r.Code, r.Stderr)
-	}
 }
 
 // sameBytes fails unless files a and b are identical.

@@ -6,7 +6,6 @@ package tests
 // and a pty.
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"fmt"
 	"io"
@@ -14,82 +13,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
-
-// proc is the binary running in the background.
-type proc struct {
-	cmd    *exec.Cmd
-	stderr bytes.Buffer
-	done   chan struct{}
-	err    error
-}
-
-// startTool starts the binary with the given stdin and stdout (nil:
-// /dev/null) and stderr captured. The process is killed at the end of the
-// test if it is still running.
-func startTool(t testing.TB, stdin, stdout *os.File, args ...string) *proc {
-	t.Helper()
-	return startCmd(t, stdin, stdout, args, bin)
-}
-
-// startCmd is startTool for another program (e.g. prlimit running the
-// binary).
-func startCmd(t testing.TB, stdin, stdout *os.File, args []string, path string, env ...string) *proc {
-	t.Helper()
-	p := &proc{cmd: exec.Command(path, args...), done: make(chan struct{})}
-	if len(env) > 0 {
-		p.cmd.Env = append(os.Environ(), env...)
-	}
-	if stdin != nil {
-		p.cmd.Stdin = stdin
-	}
-	if stdout != nil {
-		p.cmd.Stdout = stdout
-	}
-	p.cmd.Stderr = &p.stderr
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.err = p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-	})
-	return p
-}
-
-// wait waits at most limit for the process to exit and returns its
-// status; it fails the test if the process is still running then.
-func (p *proc) wait(t testing.TB, limit time.Duration) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(limit):
-		p.cmd.Process.Kill()
-		<-p.done
-		t.Fatalf("still running %v later (killed); stderr so far: %q", limit, p.stderr.String())
-	}
-	if ee, ok := p.err.(*exec.ExitError); ok {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			t.Fatalf("killed by %v instead of exiting with a status; stderr %q", ws.Signal(), p.stderr.String())
-		}
-		return ee.ExitCode()
-	}
-	if p.err != nil {
-		t.Fatal(p.err)
-	}
-	return 0
-}
 
 // checkFailureLine asserts a non-zero status and one line on stderr, of
 // our form, mentioning each of want, without a Go traceback.

@@ -2,62 +2,19 @@ package tests
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
-
-// runPiped runs the binary with the file img written into a real pipe on
-// its stdin (the way xapi hands over its HTTP socket: no seeking), and
-// extra descriptors from fd 3 on.
-func runPiped(t testing.TB, img string, extra []*os.File, args ...string) result {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	cmd.ExtraFiles = extra
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer in.Close()
-		f, err := os.Open(img)
-		if err != nil {
-			return
-		}
-		defer f.Close()
-		io.Copy(in, f) // EPIPE when the tool stops early: fine
-	}()
-	err = cmd.Wait()
-	if ctx.Err() != nil {
-		t.Fatalf("xapi-qcow-tool %s: timed out", strings.Join(args, " "))
-	}
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return result{out.Bytes(), errb.Bytes(), code}
-}
 
 func mustRunPiped(t testing.TB, img string, args ...string) result {
 	t.Helper()

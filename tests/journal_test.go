@@ -2,13 +2,11 @@ package tests
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"fmt"
 	"math/rand"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -138,33 +136,20 @@ func (j *fakeJournal) drain(t *testing.T) []journalEntry {
 func runWithJournal(t *testing.T, stdout string, args ...string) (result, []journalEntry) {
 	t.Helper()
 	j := newFakeJournal(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "unshare", j.unshareArgs(args...)...)
-	cmd.Env = append(os.Environ(), j.env())
-	var out, errb bytes.Buffer
-	cmd.Stderr = &errb
+	s := cmdSpec{path: "unshare", args: j.unshareArgs(args...), env: []string{j.env()}}
 	if stdout != "" {
 		f, err := os.Create(stdout)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		cmd.Stdout = f
-	} else {
-		cmd.Stdout = &out
+		s.stdout = f
 	}
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
+	r := run(t, s)
+	if stderr := string(r.Stderr); strings.Contains(stderr, "mount") && r.Code != 0 && !strings.HasPrefix(stderr, "xapi-qcow-tool:") {
+		t.Skipf("SKIP: mounting in the namespace refused: %s", stderr)
 	}
-	if strings.Contains(errb.String(), "mount") && code != 0 && !strings.HasPrefix(errb.String(), "xapi-qcow-tool:") {
-		t.Skipf("SKIP: mounting in the namespace refused: %s", errb.String())
-	}
-	return result{out.Bytes(), errb.Bytes(), code}, j.drain(t)
+	return r, j.drain(t)
 }
 
 func findEntry(entries []journalEntry, msg string) journalEntry {

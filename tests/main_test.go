@@ -37,24 +37,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// result is what a run of the binary did.
-type result struct {
-	Stdout, Stderr []byte
-	Code           int
-}
-
-// runTool runs the binary with args, stdin from in (nil: /dev/null), and a
-// timeout so that a hang fails the test instead of the CI run.
-func runTool(t testing.TB, in []byte, args ...string) result {
-	t.Helper()
-	return runAs(t, bin, in, args...)
-}
-
-func runAs(t testing.TB, path string, in []byte, args ...string) result {
-	t.Helper()
-	return runWithFiles(t, path, in, "", nil, args...)
-}
-
 // needUnshare skips, visibly, where a private mount namespace cannot be
 // made (the journal and out-of-space tests mount their own /run or tmpfs).
 func needUnshare(t testing.TB) {
@@ -64,34 +46,6 @@ func needUnshare(t testing.TB) {
 	}
 	if out, err := exec.Command("unshare", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
 		t.Skipf("SKIP: unshare -m refused here: %v: %s", err, bytes.TrimSpace(out))
-	}
-}
-
-// mustRun runs the binary and fails the test unless it exits 0.
-func mustRun(t testing.TB, in []byte, args ...string) []byte {
-	t.Helper()
-	r := runTool(t, in, args...)
-	if r.Code != 0 {
-		t.Fatalf("xapi-qcow-tool %s: exit %d: %s", strings.Join(args, " "), r.Code, r.Stderr)
-	}
-	return r.Stdout
-}
-
-// exportToFile runs an export with stdout redirected to a new file (no
-// buffering of the image in the test's memory) and returns its path.
-func exportToFile(t testing.TB, out string, args ...string) {
-	t.Helper()
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout = f
-	var errb bytes.Buffer
-	cmd.Stderr = &errb
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("xapi-qcow-tool %s: %v: %s", strings.Join(args, " "), err, errb.Bytes())
 	}
 }
 
