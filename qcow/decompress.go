@@ -9,6 +9,18 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
+// compressedExtent is the data extent of the compressed cluster of guest
+// cluster g whose bytes src were found at host offset at.
+func (d *decoder) compressedExtent(at, g uint64, src []byte) (Extent, error) {
+	out, err := d.decompress(at, g, src)
+	if err != nil {
+		return Extent{}, err
+	}
+	length := min(d.cs, d.h.Size-g<<d.cb)
+	return Extent{Kind: ExtentData, Offset: g << d.cb, Length: length, Data: out[:length],
+		HostOffset: at, Compressed: true}, nil
+}
+
 // decompress inflates one compressed cluster from src into d.cbuf.
 func (d *decoder) decompress(at uint64, g uint64, src []byte) ([]byte, error) {
 	if d.cbuf == nil {

@@ -68,9 +68,10 @@ type Extent struct {
 // Reader decodes a qcow2 image into extents of the guest disk. See
 // NewReader and NewReaderAt.
 type Reader struct {
-	d *decoder
-	s *streamState
-	a *atState
+	d    *decoder
+	step func() (Extent, error) // the stream or random-access decoder's
+	err  error
+	s    *streamState // the stream decoder (nil for random access)
 }
 
 // Header returns the image header.
@@ -79,10 +80,14 @@ func (r *Reader) Header() *Header { return r.d.h }
 // Next returns the next extent, or io.EOF after the last one. After an
 // error other than io.EOF the Reader is unusable and returns that error.
 func (r *Reader) Next() (Extent, error) {
-	if r.s != nil {
-		return r.s.next()
+	if r.err != nil {
+		return Extent{}, r.err
 	}
-	return r.a.next()
+	ext, err := r.step()
+	if err != nil {
+		r.err = err
+	}
+	return ext, err
 }
 
 // NewReader reads and validates the header cluster of an image that
@@ -100,5 +105,5 @@ func NewReader(r io.Reader, opts ReaderOptions) (*Reader, error) {
 		return nil, err
 	}
 	s := newStream(d, r, opts)
-	return &Reader{d: d, s: s}, nil
+	return &Reader{d: d, step: s.step, s: s}, nil
 }

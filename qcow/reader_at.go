@@ -9,9 +9,8 @@ import (
 // atState is the random-access decoder: it walks the L1 table in guest
 // order, reading each L2 table and the data it maps by offset.
 type atState struct {
-	d   *decoder
-	r   io.ReaderAt
-	err error
+	d *decoder
+	r io.ReaderAt
 
 	l1Tab  []byte // the L1 cluster holding entry l1I
 	l1Clu  uint64 // index of the L1 cluster in l1Tab (1<<64-1: none)
@@ -87,7 +86,7 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 			return nil, d.wrapf(io.ErrUnexpectedEOF, h.L1TableOffset+i*8, "L1 entry %d points at an L2 table at %#x past the end of the %d-byte image", i, off, size)
 		}
 	}
-	return &Reader{d: d, a: a}, nil
+	return &Reader{d: d, step: a.step}, nil
 }
 
 // readInto reads n bytes at off into *buf, growing it (at least doubling)
@@ -116,21 +115,8 @@ func (a *atState) readAt(buf []byte, off uint64, what string) error {
 	return a.d.truncated(err, off, what)
 }
 
-func (a *atState) next() (Extent, error) {
-	if a.err != nil {
-		return Extent{}, a.err
-	}
-	ext, err := a.step()
-	if err != nil {
-		a.err = err
-	}
-	return ext, err
-}
-
 func (a *atState) step() (Extent, error) {
 	d := a.d
-	h := d.h
-	cs := d.cs
 	for {
 		if !a.q.empty() {
 			it := a.q.pop()
@@ -148,13 +134,7 @@ func (a *atState) step() (Extent, error) {
 				if err != nil {
 					return Extent{}, err
 				}
-				out, err := d.decompress(it.coff, it.g, src)
-				if err != nil {
-					return Extent{}, err
-				}
-				length := min(cs, h.Size-it.g<<d.cb)
-				return Extent{Kind: ExtentData, Offset: it.g << d.cb, Length: length, Data: out[:length],
-					HostOffset: it.coff, Compressed: true}, nil
+				return d.compressedExtent(it.coff, it.g, src)
 			}
 			return it.ext, nil
 		}

@@ -92,6 +92,21 @@ func isGuestOrder(spans []span) bool {
 	return true
 }
 
+// decodeAll decodes the whole disk of r and checks that its extents cover
+// it exactly once.
+func decodeAll(t *testing.T, what string, r *Reader, size uint64) ([]byte, []span) {
+	t.Helper()
+	disk := make([]byte, size)
+	spans, err := collect(r, disk, 1<<24)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if err := checkCover(spans, size); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	return disk, spans
+}
+
 // decodeBoth decodes img as a stream (optionally one byte per read) and by
 // offset; it checks both give disk contents equal to want and return the
 // stream's spans.
@@ -109,14 +124,7 @@ func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions
 	if want != nil && uint64(len(want)) != size {
 		t.Fatalf("virtual size %d, want %d", size, len(want))
 	}
-	disk := make([]byte, size)
-	spans, err := collect(r, disk, 1<<24)
-	if err != nil {
-		t.Fatalf("stream: %v", err)
-	}
-	if err := checkCover(spans, size); err != nil {
-		t.Fatalf("stream: %v", err)
-	}
+	disk, spans := decodeAll(t, "stream", r, size)
 	if want != nil && !bytes.Equal(disk, want) {
 		t.Fatalf("stream: content differs at %#x", firstDiff(disk, want))
 	}
@@ -127,14 +135,7 @@ func decodeBoth(t *testing.T, img, want []byte, oneByte bool, opts ReaderOptions
 	if err != nil {
 		t.Fatalf("NewReaderAt: %v", err)
 	}
-	disk2 := make([]byte, size)
-	spans2, err := collect(ra, disk2, 1<<24)
-	if err != nil {
-		t.Fatalf("reader at: %v", err)
-	}
-	if err := checkCover(spans2, size); err != nil {
-		t.Fatalf("reader at: %v", err)
-	}
+	disk2, spans2 := decodeAll(t, "reader at", ra, size)
 	if !isGuestOrder(spans2) {
 		t.Fatalf("reader at: extents not in guest order")
 	}

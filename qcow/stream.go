@@ -32,7 +32,6 @@ type streamState struct {
 	r   io.Reader
 	pos uint64 // stream offset of the next byte to read
 	eof bool
-	err error
 
 	maxBuf, buffered int64
 	maxPending       int
@@ -91,17 +90,6 @@ func (s *streamState) l2Known() bool {
 	return s.l1Done() && len(s.l2Pending) == 0 && len(s.l2Work) == 0 && s.l2 == nil
 }
 
-func (s *streamState) next() (Extent, error) {
-	if s.err != nil {
-		return Extent{}, s.err
-	}
-	ext, err := s.step()
-	if err != nil {
-		s.err = err
-	}
-	return ext, err
-}
-
 func (s *streamState) step() (Extent, error) {
 	d := s.d
 	for {
@@ -111,13 +99,7 @@ func (s *streamState) step() (Extent, error) {
 				return it.ext, nil
 			}
 			s.buffered -= it.charged
-			out, err := d.decompress(it.coff, it.g, it.src)
-			if err != nil {
-				return Extent{}, err
-			}
-			length := min(d.cs, d.h.Size-it.g<<d.cb)
-			return Extent{Kind: ExtentData, Offset: it.g << d.cb, Length: length, Data: out[:length],
-				HostOffset: it.coff, Compressed: true}, nil
+			return d.compressedExtent(it.coff, it.g, it.src)
 		}
 		if s.l2 != nil {
 			if err := s.stepL2(); err != nil {

@@ -216,16 +216,19 @@ func TestDropinDiffWithHints(t *testing.T) {
 	// stray bytes) with qcow-stream-tool, then compare with the source.
 	target := filepath.Join(dir, "target.raw")
 	qemutest.Img(t, "convert", "-O", "raw", base.qcow2, target)
-	diff, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := runAs(t, linkAs(t, "qcow-stream-tool"), diff, "stream_decode", target)
+	streamDecode(t, out, target)
+	qemutest.Img(t, "compare", "-F", "raw", "-f", "qcow2", src.qcow2, target)
+}
+
+// streamDecode runs xapi's import command line (qcow-stream-tool
+// stream_decode) with the image img on stdin into the raw disk dst.
+func streamDecode(t *testing.T, img, dst string) {
+	t.Helper()
+	r := runAs(t, linkAs(t, "qcow-stream-tool"), readFile(t, img), "stream_decode", dst)
 	mustSucceed(t, r, "stream_decode")
 	if len(r.Stdout) != 0 {
 		t.Fatalf("stream_decode wrote %d bytes on stdout", len(r.Stdout))
 	}
-	qemutest.Img(t, "compare", "-F", "raw", "-f", "qcow2", src.qcow2, target)
 }
 
 // TestDropinStreamDecodeLoopDevice: xapi's import command line into a
@@ -243,15 +246,7 @@ func TestDropinStreamDecodeLoopDevice(t *testing.T) {
 	writeRandom(t, rand.New(rand.NewSource(9)), disk, 2<<20, 65536)
 	before := readAt(t, disk, 2<<20, 65536)
 	dev := loopDevice(t, disk, false)
-	data, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := runAs(t, linkAs(t, "qcow-stream-tool"), data, "stream_decode", dev)
-	mustSucceed(t, r, "stream_decode")
-	if len(r.Stdout) != 0 {
-		t.Fatal("stream_decode wrote on stdout")
-	}
+	streamDecode(t, img, dev)
 	exec.Command("losetup", "-d", dev).Run()
 	if !bytes.Equal(readAt(t, disk, 2<<20, 65536), before) {
 		t.Fatal("stream_decode wrote a cluster the image does not allocate")
@@ -328,10 +323,38 @@ func TestDropinErrors(t *testing.T) {
 			}
 		})
 	}
-	// A map for another disk (larger than the source) is refused.
-	big := []byte(`{"virtual-size": 1073741824, "cluster-size": 65536, "format": "qcow2"}`)
-	r := runWithFiles(t, tool, nil, "", []*os.File{hintPipe(t, big)}, ok, "--json-header-info", "3")
-	checkOneLineError(t, r, "another disk")
+}
+
+// TestHintsForAnotherDisk: hints written for a 10 GiB image are refused on
+// a 1 MiB disk by both exporters, through the one hint loader: `stream`
+// once accepted them and exported.
+func TestHintsForAnotherDisk(t *testing.T) {
+	dir := t.TempDir()
+	small := filepath.Join(dir, "small.raw")
+	sparseFile(t, small, 1<<20)
+	info := []byte(`{"virtual-size": 10737418240, "cluster-size": 65536, "format": "qcow2"}`)
+	mapJSON := []byte(`[{ "start": 0, "length": 10737418240, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680}]`)
+	infoPath, mapPath := filepath.Join(dir, "i.json"), filepath.Join(dir, "m.json")
+	writeFile(t, infoPath, info)
+	writeFile(t, mapPath, mapJSON)
+	cases := map[string]result{
+		"stream --allocation-info --allocation-map": runTool(t, nil, "stream", "--source", small,
+			"--allocation-info", infoPath, "--allocation-map", mapPath, "--destination", "null:"),
+		"stream --allocation-map": runTool(t, nil, "stream", "--source", small,
+			"--allocation-map", mapPath, "--destination", "null:"),
+		"stream --base-allocation-info": runTool(t, nil, "stream", "--source", small, "--relative-to", small,
+			"--base-allocation-info", infoPath, "--destination", "null:"),
+		"qcow2-to-stdout --json-header-info --json-header-map": runWithFiles(t, linkAs(t, "qcow2-to-stdout.py"), nil, "",
+			[]*os.File{hintPipe(t, mapJSON), hintPipe(t, info)}, small, "--json-header-map", "3", "--json-header-info", "4"),
+	}
+	for name, r := range cases {
+		t.Run(name, func(t *testing.T) {
+			checkOneLineError(t, r, "the hints are for another disk")
+			if r.Code != 1 || len(r.Stdout) != 0 {
+				t.Fatalf("exit %d with %d bytes on stdout, want 1 and nothing", r.Code, len(r.Stdout))
+			}
+		})
+	}
 }
 
 // TestDropinHelp: every command xapi runs documents itself with the

@@ -146,18 +146,27 @@ func readHeader(t testing.TB, img string) rawHeader {
 	}
 }
 
+// seedDisk is the disk of the walk-through the project started from: a
+// sparse disk of size bytes whose first three 64 KiB clusters hold random
+// data, and its full export. It returns both paths.
+func seedDisk(t *testing.T, dir string, r *rand.Rand, size int64) (disk, export string) {
+	t.Helper()
+	disk = filepath.Join(dir, "a.img")
+	sparseFile(t, disk, size)
+	for i := int64(0); i < 3; i++ {
+		writeRandom(t, r, disk, i<<16, 1<<16)
+	}
+	export = filepath.Join(dir, "full.qcow2")
+	exportToFile(t, export, "stream", "--source", disk)
+	return disk, export
+}
+
 // TestSeedWalkthrough is the walk-through the project started from.
 func TestSeedWalkthrough(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(3))
-	a := filepath.Join(dir, "a.img")
-	sparseFile(t, a, 100<<20)
-	for i := int64(0); i < 3; i++ {
-		writeRandom(t, r, a, i<<16, 1<<16)
-	}
-	full := filepath.Join(dir, "full.qcow2")
-	exportToFile(t, full, "stream", "--source", a)
+	a, full := seedDisk(t, dir, r, 100<<20)
 	qemutest.Check(t, full)
 	if got := dataExtents(t, full); len(got) != 1 || got[0] != [2]int64{0, 0x30000} {
 		t.Fatalf("full export data extents %v, want [[0 0x30000]]", got)

@@ -2,7 +2,6 @@ package tests
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"fmt"
 	"io"
 	"math/rand"
@@ -29,15 +28,6 @@ func mustRunPiped(t testing.TB, img string, args ...string) result {
 func toRaw(t testing.TB, img, raw string) {
 	t.Helper()
 	qemutest.Img(t, "convert", "-O", "raw", img, raw)
-}
-
-func checksum(t testing.TB, path string) [32]byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
 }
 
 func fill(t testing.TB, path string, size int64, b byte) {
@@ -316,34 +306,6 @@ func TestImportLoopDevice(t *testing.T) {
 	check("serve --direct", full)
 }
 
-// TestImportRefusesSmallDestination: an image larger than its destination
-// is refused before any write, whatever says the size.
-func TestImportRefusesSmallDestination(t *testing.T) {
-	qemutest.Need(t)
-	dir := t.TempDir()
-	img, _, _ := deltaImage(t, dir)
-
-	dst := filepath.Join(dir, "small.img")
-	fill(t, dst, 1<<20, 0xAA)
-	before := checksum(t, dst)
-	r := runPiped(t, img, nil, "serve", "--destination", dst, "--destination-size", fmt.Sprint(1<<20))
-	checkOneLineError(t, r, "larger than")
-	if checksum(t, dst) != before {
-		t.Fatal("a refused import changed the destination")
-	}
-
-	back := filepath.Join(dir, "back.img")
-	fill(t, back, 1<<20, 0xAA)
-	dev := loopDevice(t, back, false)
-	for _, args := range [][]string{{"serve", "--destination", dev}, {"stream_decode", dev}} {
-		r := runPiped(t, img, nil, args...)
-		checkOneLineError(t, r, "larger than")
-		if checksum(t, back) != before {
-			t.Fatalf("%s: a refused import changed the device", args[0])
-		}
-	}
-}
-
 // TestImportRefusesBackingFileAndTruncation: a diff naming a backing file
 // is refused outside delta mode; a truncated stream ends with one line.
 func TestImportRefusals(t *testing.T) {
@@ -358,9 +320,9 @@ func TestImportRefusals(t *testing.T) {
 	exportToFile(t, diff, "stream", "--source", src, "--relative-to", base, "--backing-file", base)
 	dst := filepath.Join(dir, "dst.img")
 	fill(t, dst, 4<<20, 0xAA)
-	before := checksum(t, dst)
+	before := fileSum(t, dst)
 	checkOneLineError(t, runPiped(t, diff, nil, "serve", "--destination", dst), "backing file")
-	if checksum(t, dst) != before {
+	if fileSum(t, dst) != before {
 		t.Fatal("a refused import changed the destination")
 	}
 	copyFile(t, base, dst)
@@ -386,13 +348,7 @@ func TestImportRefusals(t *testing.T) {
 func TestImportSeedWalkthroughWithOurImport(t *testing.T) {
 	dir := t.TempDir()
 	r := rand.New(rand.NewSource(13))
-	a := filepath.Join(dir, "a.img")
-	sparseFile(t, a, 20<<20)
-	for i := int64(0); i < 3; i++ {
-		writeRandom(t, r, a, i<<16, 1<<16)
-	}
-	full := filepath.Join(dir, "full.qcow2")
-	exportToFile(t, full, "stream", "--source", a)
+	a, full := seedDisk(t, dir, r, 20<<20)
 	b := filepath.Join(dir, "b.img")
 	copyFile(t, a, b)
 	writeRandom(t, r, b, 1<<16, 1<<16)  // changed

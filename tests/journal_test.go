@@ -138,12 +138,7 @@ func runWithJournal(t *testing.T, stdout string, args ...string) (result, []jour
 	j := newFakeJournal(t)
 	s := cmdSpec{path: "unshare", args: j.unshareArgs(args...), env: []string{j.env()}}
 	if stdout != "" {
-		f, err := os.Create(stdout)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		s.stdout = f
+		s.stdout = createFile(t, stdout)
 	}
 	r := run(t, s)
 	if stderr := string(r.Stderr); strings.Contains(stderr, "mount") && r.Code != 0 && !strings.HasPrefix(stderr, "xapi-qcow-tool:") {

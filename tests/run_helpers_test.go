@@ -134,14 +134,21 @@ func runWithFiles(t testing.TB, path string, in []byte, out string, extra []*os.
 		s.stdin = bytes.NewReader(in)
 	}
 	if out != "" {
-		f, err := os.Create(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		s.stdout = f
+		s.stdout = createFile(t, out)
 	}
 	return run(t, s)
+}
+
+// createFile creates (or truncates) path for a child's output; it is
+// closed at the end of the test.
+func createFile(t testing.TB, path string) *os.File {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }
 
 // mustSucceed fails the test unless r is a success.

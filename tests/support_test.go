@@ -429,7 +429,7 @@ func TestSupportCompare(t *testing.T) {
 	exportToFile(t, ae, "stream", "--source", a)
 	// a with 1 MiB of zeros more: identical, with a warning.
 	longer := filepath.Join(dir, "longer.raw")
-	os.WriteFile(longer, append(buf[:0:0], mustRead(t, a)...), 0o644)
+	os.WriteFile(longer, append(buf[:0:0], readFile(t, a)...), 0o644)
 	os.Truncate(longer, 9<<20)
 
 	for _, p := range [][2]string{{a, a}, {a, aq}, {aq, a}, {aq, aq}, {ae, aq}, {a, ae}, {a, longer}, {longer, aq}} {
@@ -454,22 +454,13 @@ func TestSupportCompare(t *testing.T) {
 	}
 }
 
-func mustRead(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func TestSupportBadInput(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
 	notQcow := filepath.Join(dir, "random.bin")
 	writeRandom(t, rand.New(rand.NewSource(3)), notQcow, 0, 1<<20)
 	good := qemutest.Create(t, filepath.Join(dir, "good.qcow2"), "", "4M", "write -P 1 0 1M")
-	full := mustRead(t, good)
+	full := readFile(t, good)
 	short := filepath.Join(dir, "short.qcow2")
 	os.WriteFile(short, full[:100], 0o644)
 	// Cut after the header cluster: the tables are gone.
@@ -486,7 +477,7 @@ func TestSupportBadInput(t *testing.T) {
 			want string
 		}{
 			{notQcow, nil, "not a qcow2 image"},
-			{"-", mustRead(t, notQcow)[:4096], "not a qcow2 image"},
+			{"-", readFile(t, notQcow)[:4096], "not a qcow2 image"},
 			{short, nil, "header"},
 			{"-", full[:100], "before"},
 			{cut, nil, "past the end of the file"},
@@ -519,7 +510,7 @@ func TestSupportBadInput(t *testing.T) {
 		}
 	}
 	// Nothing was written to the inputs.
-	if !bytes.Equal(mustRead(t, good), full) {
+	if !bytes.Equal(readFile(t, good), full) {
 		t.Fatal("an input was modified")
 	}
 }

@@ -2,6 +2,7 @@ package vhdcompat
 
 import (
 	"fmt"
+	"io"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
@@ -13,29 +14,17 @@ import (
 
 // Info describes the image at path.
 func Info(env *Env, path string) (*inspect.Info, error) {
-	var info *inspect.Info
-	err := inspectPath(env, "info", path,
-		func(d *rawdisk.Disk) (err error) { info, err = inspect.InfoFile(d, d.Size()); return err },
-		func() (err error) { info, err = inspect.InfoStream(env.Stdin); return err })
-	return info, err
+	return inspectPath(env, "info", path, func(d *rawdisk.Disk) (*inspect.Info, error) { return inspect.InfoFile(d, d.Size()) }, inspect.InfoStream)
 }
 
 // Map lists the allocation of the image at path, as qemu-img map does.
 func Map(env *Env, path string) ([]inspect.MapEntry, error) {
-	var m []inspect.MapEntry
-	err := inspectPath(env, "map", path,
-		func(d *rawdisk.Disk) (err error) { m, err = inspect.MapFile(d, d.Size(), d); return err },
-		func() (err error) { m, err = inspect.MapStream(env.Stdin); return err })
-	return m, err
+	return inspectPath(env, "map", path, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) { return inspect.MapFile(d, d.Size(), d) }, inspect.MapStream)
 }
 
 // Check checks the structure of the image at path, as qemu-img check does.
 func Check(env *Env, path string) (*inspect.CheckResult, error) {
-	var res *inspect.CheckResult
-	err := inspectPath(env, "check", path,
-		func(d *rawdisk.Disk) (err error) { res, err = inspect.CheckFile(d, d.Size()); return err },
-		func() (err error) { res, err = inspect.CheckStream(env.Stdin); return err })
-	return res, err
+	return inspectPath(env, "check", path, func(d *rawdisk.Disk) (*inspect.CheckResult, error) { return inspect.CheckFile(d, d.Size()) }, inspect.CheckStream)
 }
 
 // Compare compares what the disks at paths a and b read as, each raw or
@@ -54,22 +43,24 @@ func Compare(a, b string) (*inspect.CompareResult, error) {
 	return inspect.Compare(da, da.Size(), db, db.Size())
 }
 
-// inspectPath runs file on the disk at path, or stream for "-".
-func inspectPath(env *Env, cmd, path string, file func(*rawdisk.Disk) error, stream func() error) error {
-	name := path
+// inspectPath runs file on the disk at path, or stream on stdin for "-".
+func inspectPath[T any](env *Env, cmd, path string, file func(*rawdisk.Disk) (T, error), stream func(io.Reader) (T, error)) (T, error) {
+	var res T
 	var err error
+	name := path
 	if path == "-" {
-		name, err = "stdin", stream()
+		name = "stdin"
+		res, err = stream(env.Stdin)
 	} else {
 		d, oerr := rawdisk.Open(path, false)
 		if oerr != nil {
-			return fmt.Errorf("%s: %w", cmd, oerr)
+			return res, fmt.Errorf("%s: %w", cmd, oerr)
 		}
 		defer d.Close()
-		err = file(d)
+		res, err = file(d)
 	}
 	if err != nil {
-		return fmt.Errorf("%s: %s: %w", cmd, name, err)
+		return res, fmt.Errorf("%s: %s: %w", cmd, name, err)
 	}
-	return nil
+	return res, nil
 }

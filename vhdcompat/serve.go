@@ -70,67 +70,41 @@ func (c *ServeCmd) Run(env *Env) error {
 		MaxBuffered: c.MaxBuffer,
 	}
 
-	switch {
-	case c.SourceFD != nil:
-		f, err := FDFile(*c.SourceFD, "--source-fd")
+	src, err := ResolveEndpoint(c.SourceFD, c.Source, "--source")
+	if err != nil {
+		return err
+	}
+	switch src.Kind {
+	case "stdin":
+		opt.Source, opt.SourceName = env.Stdin, "stdin"
+	case "fd":
+		opt.Source, opt.SourceName = src.File, src.File.Name()
+	case "file":
+		f, err := os.Open(src.Path)
 		if err != nil {
-			return err
+			return fmt.Errorf("source %s: %w", src.Path, rawdisk.WithoutPath(err))
 		}
-		opt.Source, opt.SourceName = f, f.Name()
+		defer f.Close()
+		opt.Source, opt.SourceName = f, src.Path
 	default:
-		ep, err := ParseEndpoint(c.Source)
-		if err != nil {
-			return err
-		}
-		switch ep.Kind {
-		case "stdin":
-			opt.Source, opt.SourceName = env.Stdin, "stdin"
-		case "fd":
-			f, err := FDFile(ep.FD, "--source")
-			if err != nil {
-				return err
-			}
-			opt.Source, opt.SourceName = f, f.Name()
-		case "file":
-			f, err := os.Open(ep.Path)
-			if err != nil {
-				return fmt.Errorf("source %s: %w", ep.Path, rawdisk.WithoutPath(err))
-			}
-			defer f.Close()
-			opt.Source, opt.SourceName = f, ep.Path
-		default:
-			return &UsageError{fmt.Sprintf("--source %s: the image must come from stdin:, fd://N, file://PATH or a path", c.Source)}
-		}
+		return &UsageError{fmt.Sprintf("--source %s: the image must come from stdin:, fd://N, file://PATH or a path", c.Source)}
 	}
 
-	switch {
-	case c.DestinationFD != nil:
-		f, err := FDFile(*c.DestinationFD, "--destination-fd")
-		if err != nil {
-			return err
-		}
-		opt.Destination, opt.DestinationName = f, f.Name()
-	case c.Destination == "":
+	if c.DestinationFD == nil && c.Destination == "" {
 		return &UsageError{"--destination is required (file://PATH or a path; or --destination-fd N)"}
-	default:
-		ep, err := ParseEndpoint(c.Destination)
-		if err != nil {
-			return err
-		}
-		switch ep.Kind {
-		case "file":
-			opt.DestinationPath = ep.Path
-		case "fd":
-			f, err := FDFile(ep.FD, "--destination")
-			if err != nil {
-				return err
-			}
-			opt.Destination, opt.DestinationName = f, f.Name()
-		default:
-			return &UsageError{fmt.Sprintf("--destination %s: a raw disk must be file://PATH, a path or fd://N", c.Destination)}
-		}
 	}
-
+	dst, err := ResolveEndpoint(c.DestinationFD, c.Destination, "--destination")
+	if err != nil {
+		return err
+	}
+	switch dst.Kind {
+	case "file":
+		opt.DestinationPath = dst.Path
+	case "fd":
+		opt.Destination, opt.DestinationName = dst.File, dst.File.Name()
+	default:
+		return &UsageError{fmt.Sprintf("--destination %s: a raw disk must be file://PATH, a path or fd://N", c.Destination)}
+	}
 	return Import(env, opt, c.ProgressFlags)
 }
 

@@ -72,32 +72,22 @@ func (c *StreamCmd) Run(env *Env) error {
 	if err := c.hints(req); err != nil {
 		return err
 	}
-	switch {
-	case c.SourceFD != nil:
-		f, err := FDFile(*c.SourceFD, "--source-fd")
-		if err != nil {
-			return err
-		}
-		req.SourceFile = f
-	case c.Source == "":
+	if c.SourceFD == nil && c.Source == "" {
 		return &UsageError{"--source is required (a path, file://PATH or fd://N)"}
+	}
+	src, err := ResolveEndpoint(c.SourceFD, c.Source, "--source")
+	if err != nil {
+		return err
+	}
+	switch src.Kind {
+	case "file":
+		req.Source = src.Path
+	case "fd":
+		req.SourceFile = src.File
+	case "stdin":
+		req.SourceFile = env.Stdin
 	default:
-		ep, err := ParseEndpoint(c.Source)
-		if err != nil {
-			return err
-		}
-		switch ep.Kind {
-		case "file":
-			req.Source = ep.Path
-		case "fd":
-			if req.SourceFile, err = FDFile(ep.FD, "--source"); err != nil {
-				return err
-			}
-		case "stdin":
-			req.SourceFile = env.Stdin
-		default:
-			return &UsageError{fmt.Sprintf("--source %s: a raw disk must be a file, a block device or a descriptor", c.Source)}
-		}
+		return &UsageError{fmt.Sprintf("--source %s: a raw disk must be a file, a block device or a descriptor", c.Source)}
 	}
 	return Export(env, req)
 }
@@ -132,14 +122,7 @@ func (c *StreamCmd) hints(req *ExportRequest) error {
 // file destination is truncated when opened, so every check of the source
 // comes first. Nothing is read or written before a terminal is refused.
 func (c *StreamCmd) openDestination(env *Env) (*os.File, string, error) {
-	if c.DestinationFD != nil {
-		f, err := FDFile(*c.DestinationFD, "--destination-fd")
-		if err != nil {
-			return nil, "", err
-		}
-		return f, f.Name(), nil
-	}
-	ep, err := ParseEndpoint(c.Destination)
+	ep, err := ResolveEndpoint(c.DestinationFD, c.Destination, "--destination")
 	if err != nil {
 		return nil, "", err
 	}
@@ -150,11 +133,7 @@ func (c *StreamCmd) openDestination(env *Env) (*os.File, string, error) {
 		f, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 		return f, "null:", err
 	case "fd":
-		f, err := FDFile(ep.FD, "--destination")
-		if err != nil {
-			return nil, "", err
-		}
-		return f, f.Name(), nil
+		return ep.File, ep.File.Name(), nil
 	case "file":
 		f, err := os.OpenFile(ep.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 		if err != nil {

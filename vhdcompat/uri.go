@@ -12,9 +12,26 @@ import (
 // Endpoint is a parsed vhd-tool source or destination: stdin:, stdout:,
 // null:, fd://N, file://PATH or a plain path.
 type Endpoint struct {
-	Kind string // "stdin", "stdout", "null", "fd", "file"
-	Path string // for "file"
-	FD   int    // for "fd"
+	Kind string   // "stdin", "stdout", "null", "fd", "file"
+	Path string   // for "file"
+	FD   int      // for "fd"
+	File *os.File // for "fd", from ResolveEndpoint: the open descriptor
+}
+
+// ResolveEndpoint is the endpoint vhd-tool's pair of options --X-fd N and
+// --X URI gives (flag is "--X"): the descriptor when fd is set, else the
+// URI. A descriptor, from either, is checked open and set in File.
+func ResolveEndpoint(fd *int, uri, flag string) (Endpoint, error) {
+	if fd != nil {
+		f, err := FDFile(*fd, flag+"-fd")
+		return Endpoint{Kind: "fd", FD: *fd, File: f}, err
+	}
+	ep, err := ParseEndpoint(uri)
+	if err != nil || ep.Kind != "fd" {
+		return ep, err
+	}
+	ep.File, err = FDFile(ep.FD, flag)
+	return ep, err
 }
 
 // ParseEndpoint parses a vhd-tool URI. A string without a scheme is a path.

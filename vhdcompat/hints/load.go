@@ -82,13 +82,12 @@ func Load(req Request, src Disk, base *Disk, clusterBits uint32) (*Loaded, error
 		}
 		cs := uint64(1) << clusterBits
 		clusters := (uint64(src.Size) + cs - 1) / cs
-		r, name, err := s.open("changed blocks")
+		err := s.read("changed blocks", func(r io.Reader) (err error) {
+			out.Changed, err = ParseChangedBlocks(r, clusterBits, clusters)
+			return err
+		})
 		if err != nil {
 			return nil, err
-		}
-		defer r.Close()
-		if out.Changed, err = ParseChangedBlocks(r, clusterBits, clusters); err != nil {
-			return nil, fmt.Errorf("%s: changed blocks from %s: %w", s.Flag, name, err)
 		}
 	}
 	return out, nil
@@ -105,75 +104,75 @@ func firstGiven(h DiskHints) Source {
 
 // loadDisk reads the hints of one disk: its extents (nil without a map or
 // header) and the cluster size they were written for (0: none said).
-func loadDisk(h DiskHints, d Disk) (Extents, uint32, error) {
-	var ext Extents
-	var clusterBits uint32
+func loadDisk(h DiskHints, d Disk) (ext Extents, clusterBits uint32, err error) {
 	if s := h.Info; s.Given() {
-		r, name, err := s.open("image info")
+		err := s.read("image info", func(r io.Reader) error {
+			info, err := ParseInfo(r)
+			if err == nil {
+				clusterBits = info.ClusterBits
+				err = checkSize(info.VirtualSize, d)
+			}
+			return err
+		})
 		if err != nil {
 			return nil, 0, err
 		}
-		defer r.Close()
-		info, err := ParseInfo(r)
-		if err != nil {
-			return nil, 0, fmt.Errorf("%s: image info from %s: %w", s.Flag, name, err)
-		}
-		if err := checkSize(s.Flag, info.VirtualSize, d); err != nil {
-			return nil, 0, err
-		}
-		clusterBits = info.ClusterBits
 	}
 	if s := h.Map; s.Given() {
-		r, name, err := s.open("allocation map")
+		err := s.read("allocation map", func(r io.Reader) error {
+			m, end, err := parseMap(r, d.Size)
+			if err == nil {
+				ext = m
+				err = checkSize(end, d)
+			}
+			return err
+		})
 		if err != nil {
 			return nil, 0, err
 		}
-		defer r.Close()
-		m, end, err := parseMap(r, d.Size)
-		if err != nil {
-			return nil, 0, fmt.Errorf("%s: allocation map from %s: %w", s.Flag, name, err)
-		}
-		if err := checkSize(s.Flag, end, d); err != nil {
-			return nil, 0, err
-		}
-		ext = m
 	}
 	if s := h.Header; s.Given() {
-		r, name, err := s.open("JSON header")
+		err := s.read("JSON header", func(r io.Reader) error {
+			l, err := ParseLegacy(r)
+			if err == nil {
+				clusterBits, ext = l.ClusterBits, l.Extents
+				err = checkSize(l.VirtualSize, d)
+			}
+			return err
+		})
 		if err != nil {
 			return nil, 0, err
 		}
-		defer r.Close()
-		l, err := ParseLegacy(r)
-		if err != nil {
-			return nil, 0, fmt.Errorf("%s: %s: %w", s.Flag, name, err)
-		}
-		if err := checkSize(s.Flag, l.VirtualSize, d); err != nil {
-			return nil, 0, err
-		}
-		clusterBits, ext = l.ClusterBits, l.Extents
 	}
 	return ext, clusterBits, nil
 }
 
-// open opens the hint; what names the kind of hint for messages.
-func (s Source) open(what string) (io.ReadCloser, string, error) {
+// read opens the hint, hands it to parse and closes it. Errors name the
+// option and where the hint came from; what names the kind of hint.
+func (s Source) read(what string, parse func(io.Reader) error) error {
 	if s.Reader != nil {
-		return io.NopCloser(s.Reader), "stdin", nil
+		if err := parse(s.Reader); err != nil {
+			return fmt.Errorf("%s: stdin: %w", s.Flag, err)
+		}
+		return nil
 	}
 	r, name, err := Open(s.Spec)
 	if err != nil {
-		return nil, "", fmt.Errorf("%s: %s: %w", s.Flag, what, err)
+		return fmt.Errorf("%s: %s: %w", s.Flag, what, err)
 	}
-	return r, name, nil
+	defer r.Close()
+	if err := parse(r); err != nil {
+		return fmt.Errorf("%s: %s: %w", s.Flag, name, err)
+	}
+	return nil
 }
 
 // checkSize refuses hints that describe a larger disk than the one read:
 // they do not belong to it. A smaller one is fine (a logical volume is
 // rounded up to its extent size); what lies past it reads as zero.
-func checkSize(flag string, hinted int64, d Disk) error {
+func checkSize(hinted int64, d Disk) error {
 	if hinted > (d.Size+511)&^511 {
-		return fmt.Errorf("%s: the image is %d bytes but %s is only %d bytes: the hints are for another disk", flag, hinted, d.Name, d.Size)
+		return fmt.Errorf("the image is %d bytes but %s is only %d bytes: the hints are for another disk", hinted, d.Name, d.Size)
 	}
 	return nil
 }
