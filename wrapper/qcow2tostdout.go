@@ -65,56 +65,40 @@ var dropinFlags = map[string]bool{
 	"-v": true, "--verbose": true, "--debug": true,
 }
 
+// referenceLongOptions are the reference script's long options, of which
+// argparse accepts any unambiguous prefix (--dif for --diff). Ours
+// (--verbose, --debug) are matched whole, so that they make no prefix
+// ambiguous that the reference accepts.
+var referenceLongOptions = []string{
+	"--diff", "--help", "--json-header", "--json-header-diff",
+	"--json-header-map", "--json-header-info", "--json-header-diff-map", "--json-header-diff-info",
+}
+
 // parseDropinArgs parses the reference script's argv the way its argparse
 // does: options before or after the input path, "--opt value",
-// "--opt=value", "-cVALUE", and "--" to end the options.
+// "--opt=value", unambiguous prefixes of long options, "-cVALUE",
+// "-c=VALUE", short flags together ("-dR"), and "--" to end the options.
+// An option's value may not look like an option, but may be empty
+// (--diff "" is no diff, as the script's falsy test makes it).
 func parseDropinArgs(args []string) (*dropinArgs, error) {
 	a := &dropinArgs{clusterSize: 65536, refcountBits: 16}
 	var positional []string
 	for i := 0; i < len(args); i++ {
 		arg := args[i]
-		if arg == "--" {
+		var err error
+		switch {
+		case arg == "--":
 			positional = append(positional, args[i+1:]...)
-			break
-		}
-		if len(arg) < 2 || arg[0] != '-' {
+			i = len(args)
+		case !looksLikeOption(arg):
 			positional = append(positional, arg)
-			continue
-		}
-		name, value, hasValue := arg, "", false
-		switch {
 		case strings.HasPrefix(arg, "--"):
-			if k := strings.IndexByte(arg, '='); k > 0 {
-				name, value, hasValue = arg[:k], arg[k+1:], true
-			}
-		case len(arg) > 2 && dropinValueOptions[arg[:2]]:
-			name, value, hasValue = arg[:2], arg[2:], true
-		}
-		switch {
-		case dropinValueOptions[name]:
-			if !hasValue {
-				if i+1 >= len(args) {
-					return nil, usage("%s needs a value", name)
-				}
-				i++
-				value = args[i]
-			}
-			if err := a.set(name, value); err != nil {
-				return nil, err
-			}
-		case dropinFlags[name] && !hasValue:
-			switch name {
-			case "-d":
-				return nil, usage("-d (input as an external data file) is not supported: export without it")
-			case "-R":
-				return nil, usage("-R (raw external data file) is not supported: export without it")
-			case "-h", "--help":
-				a.help = true
-			case "--json-header":
-				a.legacyHeader = true
-			}
+			i, err = a.long(args, i)
 		default:
-			return nil, usage("unknown option %s (see --help)", arg)
+			i, err = a.short(args, i)
+		}
+		if err != nil {
+			return nil, err
 		}
 	}
 	if a.help {
@@ -145,12 +129,138 @@ func parseDropinArgs(args []string) (*dropinArgs, error) {
 	return a, nil
 }
 
+// looksLikeOption is argparse's test: a word that starts with "-" is an
+// option, unless it is "-" alone or a negative number.
+func looksLikeOption(arg string) bool {
+	if len(arg) < 2 || arg[0] != '-' {
+		return false
+	}
+	return !isNegativeNumber(arg)
+}
+
+// isNegativeNumber is argparse's pattern of a negative number:
+// -DIGITS, or -[DIGITS].DIGITS.
+func isNegativeNumber(arg string) bool {
+	whole, frac, dot := strings.Cut(arg[1:], ".")
+	allDigits := func(s string) bool { return strings.Trim(s, "0123456789") == "" }
+	if !dot {
+		return whole != "" && allDigits(whole)
+	}
+	return frac != "" && allDigits(whole) && allDigits(frac)
+}
+
+// long parses the long option at args[i] and returns the index of the
+// last word it used.
+func (a *dropinArgs) long(args []string, i int) (int, error) {
+	name, value, hasValue := args[i], "", false
+	if k := strings.IndexByte(name, '='); k > 0 {
+		name, value, hasValue = name[:k], name[k+1:], true
+	}
+	name, err := expandLong(name)
+	if err != nil {
+		return i, err
+	}
+	if !dropinValueOptions[name] {
+		if hasValue {
+			return i, usage("%s takes no value (given %q)", name, value)
+		}
+		return i, a.flag(name)
+	}
+	if !hasValue {
+		if i, value, err = nextValue(args, i, name); err != nil {
+			return i, err
+		}
+	}
+	return i, a.set(name, value)
+}
+
+// expandLong returns the option name stands for: itself, or the one
+// reference option it is a prefix of.
+func expandLong(name string) (string, error) {
+	if dropinValueOptions[name] || dropinFlags[name] {
+		return name, nil
+	}
+	var matches []string
+	for _, o := range referenceLongOptions {
+		if strings.HasPrefix(o, name) {
+			matches = append(matches, o)
+		}
+	}
+	switch len(matches) {
+	case 0:
+		return "", usage("unknown option %s (see --help)", name)
+	case 1:
+		return matches[0], nil
+	}
+	return "", usage("ambiguous option %s: could be %s", name, strings.Join(matches, ", "))
+}
+
+// short parses the short options at args[i]: flags may be written
+// together, and the option that takes a value takes the rest of the word
+// ("-c4096", "-c=4096") or the next word.
+func (a *dropinArgs) short(args []string, i int) (int, error) {
+	arg := args[i]
+	if len(arg) > 3 && arg[2] == '=' && dropinValueOptions[arg[:2]] {
+		return i, a.set(arg[:2], arg[3:])
+	}
+	for rest := arg[1:]; rest != ""; {
+		name := "-" + rest[:1]
+		rest = rest[1:]
+		switch {
+		case dropinValueOptions[name]:
+			value := rest
+			if value == "" {
+				var err error
+				if i, value, err = nextValue(args, i, name); err != nil {
+					return i, err
+				}
+			}
+			return i, a.set(name, value)
+		case dropinFlags[name]:
+			if err := a.flag(name); err != nil {
+				return i, err
+			}
+		default:
+			return i, usage("unknown option %s (see --help)", arg)
+		}
+	}
+	return i, nil
+}
+
+// nextValue returns the word after args[i] as the value of option name,
+// and its index: argparse refuses a word that looks like an option.
+func nextValue(args []string, i int, name string) (int, string, error) {
+	if i+1 >= len(args) || looksLikeOption(args[i+1]) {
+		return i, "", usage("%s needs a value", name)
+	}
+	return i + 1, args[i+1], nil
+}
+
+// flag applies a flag option.
+func (a *dropinArgs) flag(name string) error {
+	switch name {
+	case "-d":
+		return usage("-d (input as an external data file) is not supported: export without it")
+	case "-R":
+		return usage("-R (raw external data file) is not supported: export without it")
+	case "-h", "--help":
+		a.help = true
+	case "--json-header":
+		a.legacyHeader = true
+	}
+	return nil
+}
+
 // usage is a bad command line: exit status 2.
 func usage(format string, args ...any) error {
 	return &vhdcompat.UsageError{Msg: fmt.Sprintf(format, args...)}
 }
 
 func (a *dropinArgs) set(name, value string) error {
+	if name == "--diff" && value == "" {
+		a.base = "" // the script tests the name for truth: an empty one is no diff
+		return nil
+	}
 	if value == "" {
 		return usage("%s needs a value", name)
 	}
