@@ -80,6 +80,36 @@ func (d *decoder) wrapf(err error, off uint64, format string, args ...any) error
 // from where the previous call stopped, or fails) and validates it.
 func newDecoder(stream bool, opts ReaderOptions, read func(buf []byte) error) (*decoder, error) {
 	d := &decoder{stream: stream}
+	h, err := d.readHeaderCluster(read)
+	if err != nil {
+		return nil, err
+	}
+	if h.BackingFile != "" && !opts.AllowBacking {
+		return nil, d.errf(h.BackingFileOffset, "image has a backing file (%q); only a delta import accepts one", h.BackingFile)
+	}
+	d.h = h
+	d.cb = h.ClusterBits
+	d.cs = h.ClusterSize()
+	d.nsub, d.full = 1, 1
+	if h.ExtendedL2() {
+		d.nsub, d.full = 32, 0xffffffff
+	}
+	d.sc = d.cs / uint64(d.nsub)
+	span := h.L2Entries() * d.cs
+	d.l1Need = (h.Size + span - 1) / span
+	if h.L1Size > 0 {
+		d.l1End = h.L1TableOffset + (uint64(h.L1Size)*8+d.cs-1)&^(d.cs-1)
+	}
+	d.rtEnd = h.RefcountTableOffset + uint64(h.RefcountTableClusters)*d.cs
+	if h.L1Size > 0 && h.L1TableOffset < d.rtEnd && h.RefcountTableOffset < d.l1End {
+		return nil, d.errf(h.L1TableOffset, "the L1 table overlaps the refcount table")
+	}
+	return d, nil
+}
+
+// readHeaderCluster reads cluster 0 with read, as newDecoder does, and
+// parses the header, its extensions and the backing file name.
+func (d *decoder) readHeaderCluster(read func(buf []byte) error) (*Header, error) {
 	first := make([]byte, HeaderSizeV2)
 	if err := read(first); err != nil {
 		return nil, d.truncated(err, 0, "the header")
@@ -107,27 +137,7 @@ func newDecoder(stream bool, opts ReaderOptions, read func(buf []byte) error) (*
 	if err != nil {
 		return nil, d.wrapf(err, 0, "%v", err)
 	}
-	if h.BackingFile != "" && !opts.AllowBacking {
-		return nil, d.errf(h.BackingFileOffset, "image has a backing file (%q); only a delta import accepts one", h.BackingFile)
-	}
-	d.h = h
-	d.cb = h.ClusterBits
-	d.cs = h.ClusterSize()
-	d.nsub, d.full = 1, 1
-	if h.ExtendedL2() {
-		d.nsub, d.full = 32, 0xffffffff
-	}
-	d.sc = d.cs / uint64(d.nsub)
-	span := h.L2Entries() * d.cs
-	d.l1Need = (h.Size + span - 1) / span
-	if h.L1Size > 0 {
-		d.l1End = h.L1TableOffset + (uint64(h.L1Size)*8+d.cs-1)&^(d.cs-1)
-	}
-	d.rtEnd = h.RefcountTableOffset + uint64(h.RefcountTableClusters)*d.cs
-	if h.L1Size > 0 && h.L1TableOffset < d.rtEnd && h.RefcountTableOffset < d.l1End {
-		return nil, d.errf(h.L1TableOffset, "the L1 table overlaps the refcount table")
-	}
-	return d, nil
+	return h, nil
 }
 
 // truncated turns a short read into an error naming what was missing.

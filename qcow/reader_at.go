@@ -28,23 +28,8 @@ type atState struct {
 // of an image that can be read by offset (a file). It accepts every layout,
 // and its Reader returns extents in guest order.
 func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error) {
-	if size < 0 {
-		size = 0
-	}
-	readAt := func(buf []byte, off uint64) error {
-		if off >= uint64(size) {
-			return io.ErrUnexpectedEOF
-		}
-		n, err := r.ReadAt(buf, int64(off))
-		if n == len(buf) {
-			return nil
-		}
-		if err == nil || err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return err
-	}
-	d, err := newDecoder(false, opts, func(buf []byte) error { return readAt(buf, 0) })
+	size = max(size, 0)
+	d, err := newDecoder(false, opts, func(buf []byte) error { return readAtFull(r, size, buf) })
 	if err != nil {
 		return nil, err
 	}
@@ -87,6 +72,30 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 		}
 	}
 	return &Reader{d: d, step: a.step}, nil
+}
+
+// ReadHeader reads and validates cluster 0 of the image in r, size bytes
+// long, as NewReaderAt does, and nothing else: the header, its extensions
+// and the backing file name. Errors are *FormatError.
+func ReadHeader(r io.ReaderAt, size int64) (*Header, error) {
+	d := &decoder{}
+	return d.readHeaderCluster(func(buf []byte) error { return readAtFull(r, size, buf) })
+}
+
+// readAtFull fills buf from offset 0 of r, an image of size bytes; a short
+// read is io.ErrUnexpectedEOF.
+func readAtFull(r io.ReaderAt, size int64, buf []byte) error {
+	if size <= 0 {
+		return io.ErrUnexpectedEOF
+	}
+	n, err := r.ReadAt(buf, 0)
+	if n == len(buf) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 // readInto reads n bytes at off into *buf, growing it (at least doubling)

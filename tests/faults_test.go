@@ -589,7 +589,9 @@ func hostileCases(h hostileImage) []hostileCase {
 }
 
 // TestFaultHostileStreams runs the built binary's serve on damaged
-// exports, from a pipe (forward only) and from a file (random access),
+// exports and on the decoder's corpus of hostile images
+// (qcow/testdata/hostile), from a pipe (forward only) and from a file
+// (random access),
 // under an address-space limit: each ends with one line, quickly, within a
 // small memory footprint, and the destination never grows past the image's
 // virtual size.
@@ -650,10 +652,13 @@ func TestFaultHostileStreams(t *testing.T) {
 	bad := filepath.Join(dir, "bad.qcow2")
 	var slowest time.Duration
 	var peak int64
-	for _, c := range hostileCases(h) {
+	// run imports the damaged image b from a pipe and from a file: each
+	// run ends with one line (or, for damage to the refcounts alone, with
+	// the source's content), quickly, in little memory, and the
+	// destination never grows past maxSize.
+	run := func(name string, b []byte, refcountOnly bool, maxSize int64) {
 		for _, mode := range []string{"pipe", "file"} {
-			t.Run(c.name+"/"+mode, func(t *testing.T) {
-				b := c.mutate(append([]byte(nil), h.img...))
+			t.Run(name+"/"+mode, func(t *testing.T) {
 				if err := os.WriteFile(bad, b, 0o644); err != nil {
 					t.Fatal(err)
 				}
@@ -674,7 +679,7 @@ func TestFaultHostileStreams(t *testing.T) {
 				slowest = max(slowest, el)
 				rss := readRSS(t, rssFile)
 				peak = max(peak, rss)
-				if code == 0 && c.refcountOnly {
+				if code == 0 && refcountOnly {
 					if _, err := exec.LookPath("qemu-img"); err == nil {
 						qemutest.Img(t, "compare", "-f", "raw", "-F", "raw", dst, src)
 					} else {
@@ -690,11 +695,23 @@ func TestFaultHostileStreams(t *testing.T) {
 				if rss > 128<<20 {
 					t.Errorf("peak RSS %d MiB", rss>>20)
 				}
-				if st, err := os.Stat(dst); err == nil && st.Size() > vsize {
-					t.Errorf("destination grew to %d bytes, past the virtual size %d", st.Size(), int64(vsize))
+				if st, err := os.Stat(dst); err == nil && st.Size() > maxSize {
+					t.Errorf("destination grew to %d bytes, past the virtual size %d", st.Size(), maxSize)
 				}
 			})
 		}
+	}
+	for _, c := range hostileCases(h) {
+		run(c.name, c.mutate(append([]byte(nil), h.img...)), c.refcountOnly, vsize)
+	}
+	// The decoder's corpus (4 MiB images of 4 KiB clusters), which its
+	// own tests refuse image by image, refused by the binary too.
+	corpus, err := filepath.Glob("../qcow/testdata/hostile/*.qcow2")
+	if err != nil || len(corpus) < 50 {
+		t.Fatalf("hostile corpus missing (%d files, %v)", len(corpus), err)
+	}
+	for _, f := range corpus {
+		run("corpus/"+strings.TrimSuffix(filepath.Base(f), ".qcow2"), readFile(t, f), false, 4<<20)
 	}
 	t.Logf("slowest hostile run %v, peak RSS %d MiB", slowest, peak>>20)
 }

@@ -31,30 +31,7 @@ var ErrTruncated = errors.New("truncated image")
 
 // openImage reads and validates the header of the image in r.
 func openImage(r io.ReaderAt, size int64) (*image, error) {
-	if size < qcow.HeaderSizeV2 {
-		return nil, fmt.Errorf("not a qcow2 image: %d bytes is shorter than a header", size)
-	}
-	first := make([]byte, qcow.HeaderSizeV2)
-	if _, err := r.ReadAt(first, 0); err != nil {
-		return nil, fmt.Errorf("reading the header: %w", err)
-	}
-	if be.Uint32(first) != qcow.Magic {
-		return nil, fmt.Errorf("not a qcow2 image (magic %#08x)", be.Uint32(first))
-	}
-	// The header, its extensions and the backing file name live in cluster
-	// 0; read as much of it as the file has.
-	n := uint64(1) << qcow.MaxClusterBits
-	if cb := be.Uint32(first[20:]); cb >= qcow.MinClusterBits && cb <= qcow.MaxClusterBits {
-		n = 1 << cb
-	}
-	if n > uint64(size) {
-		n = uint64(size)
-	}
-	buf := make([]byte, n)
-	if err := readFull(r, buf, 0); err != nil {
-		return nil, fmt.Errorf("reading the header: %w", err)
-	}
-	h, err := qcow.ParseHeader(buf)
+	h, err := qcow.ReadHeader(r, size)
 	if err != nil {
 		return nil, err
 	}

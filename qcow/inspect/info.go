@@ -81,7 +81,7 @@ type allocCounter struct {
 	cs       uint64
 	a        Allocation
 	cur      uint64
-	curKind  Kind
+	curKind  qcow.ExtentKind
 	hasCur   bool
 	clusters [3]uint64
 }
@@ -91,12 +91,12 @@ func (c *allocCounter) add(p piece) {
 		return
 	}
 	switch p.kind {
-	case KindData:
+	case qcow.ExtentData:
 		c.a.DataBytes += p.length
 		if p.compressed {
 			c.a.CompressedClusters += (p.length + c.cs - 1) / c.cs
 		}
-	case KindZero:
+	case qcow.ExtentZero:
 		c.a.ZeroBytes += p.length
 	default:
 		c.a.UnallocatedBytes += p.length
@@ -121,7 +121,7 @@ func (c *allocCounter) done() Allocation {
 		c.clusters[c.curKind]++
 		c.hasCur = false
 	}
-	c.a.DataClusters, c.a.ZeroClusters, c.a.UnallocatedClusters = c.clusters[KindData], c.clusters[KindZero], c.clusters[KindUnallocated]
+	c.a.DataClusters, c.a.ZeroClusters, c.a.UnallocatedClusters = c.clusters[qcow.ExtentData], c.clusters[qcow.ExtentZero], c.clusters[qcow.ExtentUnallocated]
 	return c.a
 }
 

@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"io"
 	"math/rand"
+	"os"
+	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
@@ -86,13 +89,13 @@ func TestCounterIsSparse(t *testing.T) {
 func TestMapMergesLikeQemu(t *testing.T) {
 	m := &mapper{}
 	cs := uint64(65536)
-	m.add(piece{start: 0, length: cs, kind: KindData, host: 5 * cs, hasHost: true})
-	m.add(piece{start: cs, length: cs, kind: KindData, host: 6 * cs, hasHost: true})     // contiguous: merged
-	m.add(piece{start: 2 * cs, length: cs, kind: KindData, host: 9 * cs, hasHost: true}) // a jump: new entry
-	m.add(piece{start: 3 * cs, length: cs, kind: KindData, host: 100, compressed: true})
-	m.add(piece{start: 4 * cs, length: cs, kind: KindData, host: 7000, compressed: true}) // no offsets: merged
-	m.add(piece{start: 5 * cs, length: cs, kind: KindZero})
-	m.add(piece{start: 6 * cs, length: 3 * cs, kind: KindUnallocated})
+	m.add(piece{start: 0, length: cs, kind: qcow.ExtentData, host: 5 * cs, hasHost: true})
+	m.add(piece{start: cs, length: cs, kind: qcow.ExtentData, host: 6 * cs, hasHost: true})     // contiguous: merged
+	m.add(piece{start: 2 * cs, length: cs, kind: qcow.ExtentData, host: 9 * cs, hasHost: true}) // a jump: new entry
+	m.add(piece{start: 3 * cs, length: cs, kind: qcow.ExtentData, host: 100, compressed: true})
+	m.add(piece{start: 4 * cs, length: cs, kind: qcow.ExtentData, host: 7000, compressed: true}) // no offsets: merged
+	m.add(piece{start: 5 * cs, length: cs, kind: qcow.ExtentZero})
+	m.add(piece{start: 6 * cs, length: 3 * cs, kind: qcow.ExtentUnallocated})
 	want := []string{"0+131072 data@327680", "131072+65536 data@589824", "196608+131072 data", "327680+65536 zero", "393216+196608 hole"}
 	if len(m.out) != len(want) {
 		t.Fatalf("%d entries: %+v", len(m.out), m.out)
@@ -133,14 +136,14 @@ func TestAllocationSummary(t *testing.T) {
 	sc := cs / 32
 	c := &allocCounter{cs: cs}
 	// cluster 0: one data subcluster, the rest zero → a data cluster
-	c.add(piece{start: 0, length: sc, kind: KindData})
-	c.add(piece{start: sc, length: cs - sc, kind: KindZero})
+	c.add(piece{start: 0, length: sc, kind: qcow.ExtentData})
+	c.add(piece{start: sc, length: cs - sc, kind: qcow.ExtentZero})
 	// cluster 1: zero then unallocated → a zero cluster
-	c.add(piece{start: cs, length: sc, kind: KindZero})
-	c.add(piece{start: cs + sc, length: cs - sc, kind: KindUnallocated})
+	c.add(piece{start: cs, length: sc, kind: qcow.ExtentZero})
+	c.add(piece{start: cs + sc, length: cs - sc, kind: qcow.ExtentUnallocated})
 	// clusters 2-9 unallocated, 10-11 compressed data
-	c.add(piece{start: 2 * cs, length: 8 * cs, kind: KindUnallocated})
-	c.add(piece{start: 10 * cs, length: 2 * cs, kind: KindData, compressed: true})
+	c.add(piece{start: 2 * cs, length: 8 * cs, kind: qcow.ExtentUnallocated})
+	c.add(piece{start: 10 * cs, length: 2 * cs, kind: qcow.ExtentData, compressed: true})
 	a := c.done()
 	if a.DataClusters != 3 || a.ZeroClusters != 1 || a.UnallocatedClusters != 8 || a.CompressedClusters != 2 {
 		t.Fatalf("%+v", a)
@@ -263,5 +266,38 @@ func TestHostileImages(t *testing.T) {
 		Compare(ra, n, bytes.NewReader(base), int64(len(base)))
 		MapStream(bytes.NewReader(img))
 		CheckStream(io.LimitReader(bytes.NewReader(img), n))
+	}
+}
+
+// TestHostileCorpus feeds the decoder's corpus of hostile images
+// (qcow/testdata/hostile) to every function, as files and as streams:
+// each returns, without a panic, and check reports every image that the
+// decoder refuses for its structure.
+func TestHostileCorpus(t *testing.T) {
+	files, err := filepath.Glob("../testdata/hostile/*.qcow2")
+	if err != nil || len(files) < 50 {
+		t.Fatalf("hostile corpus missing (%d files, %v)", len(files), err)
+	}
+	var clean []string
+	for _, f := range files {
+		img, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ra, n := bytes.NewReader(img), int64(len(img))
+		InfoFile(ra, n)
+		MapFile(ra, n, nil)
+		Compare(ra, n, ra, n)
+		InfoStream(bytes.NewReader(img))
+		MapStream(bytes.NewReader(img))
+		CheckStream(bytes.NewReader(img))
+		if res, err := CheckFile(ra, n); err == nil && res.ExitCode() == 0 {
+			clean = append(clean, filepath.Base(f))
+		}
+	}
+	// The one image with a sound structure: the decoder refuses its
+	// backing file unless the import applies a diff.
+	if want := []string{"backing_refused.qcow2"}; !slices.Equal(clean, want) {
+		t.Fatalf("check finds nothing wrong in %v, want only %v", clean, want)
 	}
 }

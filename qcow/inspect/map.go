@@ -3,6 +3,8 @@ package inspect
 import (
 	"fmt"
 	"io"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
 )
 
 // MapEntry is one extent of the allocation map, with the field names and
@@ -35,11 +37,11 @@ type Holes interface {
 func entryFor(p piece, backing bool) MapEntry {
 	e := MapEntry{Start: p.start, Length: p.length}
 	switch p.kind {
-	case KindData:
+	case qcow.ExtentData:
 		e.Present, e.Data = true, true
-	case KindZero:
+	case qcow.ExtentZero:
 		e.Present, e.Zero = true, true
-	case KindUnallocated:
+	case qcow.ExtentUnallocated:
 		if backing {
 			e.Depth = 1
 			return e // the backing file's offsets are not ours to report
@@ -74,7 +76,7 @@ func (m *mapper) add(p piece) {
 	if p.length == 0 {
 		return
 	}
-	if m.holes != nil && p.kind == KindData && p.hasHost && !p.compressed {
+	if m.holes != nil && p.kind == qcow.ExtentData && p.hasHost && !p.compressed {
 		for _, q := range m.holes(p) {
 			m.addEntry(q)
 		}

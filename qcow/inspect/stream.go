@@ -31,17 +31,11 @@ func walkStream(r io.Reader, emit func(piece)) (*qcow.Header, error) {
 		if err != nil {
 			return h, err
 		}
-		p := piece{start: x.Offset, length: x.Length, host: x.HostOffset, hasHost: x.HostOffset != 0, compressed: x.Compressed}
-		switch x.Kind {
-		case qcow.ExtentData:
-			p.kind = KindData
+		p := piece{start: x.Offset, length: x.Length, kind: x.Kind, host: x.HostOffset, hasHost: x.HostOffset != 0, compressed: x.Compressed}
+		if x.Kind == qcow.ExtentData {
 			p.hasHost = !x.Compressed
-		case qcow.ExtentZero:
-			p.kind = KindZero
-		default:
-			p.kind = KindUnallocated
 		}
-		if p.kind == KindUnallocated && !p.hasHost {
+		if p.kind == qcow.ExtentUnallocated && !p.hasHost {
 			continue // gaps are filled below
 		}
 		ps = appendMerged(ps, p)
@@ -53,7 +47,7 @@ func walkStream(r io.Reader, emit func(piece)) (*qcow.Header, error) {
 			return h, fmt.Errorf("stream describes guest offset %#x twice", p.start)
 		}
 		if p.start > pos {
-			emit(piece{start: pos, length: p.start - pos, kind: KindUnallocated})
+			emit(piece{start: pos, length: p.start - pos, kind: qcow.ExtentUnallocated})
 		}
 		if p.start+p.length > h.Size {
 			if p.start >= h.Size {
@@ -65,7 +59,7 @@ func walkStream(r io.Reader, emit func(piece)) (*qcow.Header, error) {
 		pos = p.start + p.length
 	}
 	if pos < h.Size {
-		emit(piece{start: pos, length: h.Size - pos, kind: KindUnallocated})
+		emit(piece{start: pos, length: h.Size - pos, kind: qcow.ExtentUnallocated})
 	}
 	return h, nil
 }

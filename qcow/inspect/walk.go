@@ -6,22 +6,13 @@ import (
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
 )
 
-// Kind is what a guest range reads as, according to the image alone.
-type Kind uint8
-
-// Kinds of guest ranges.
-const (
-	KindData        Kind = iota // stored data (maybe compressed)
-	KindZero                    // marked as reading zeros
-	KindUnallocated             // not described: zeros, or the backing file
-)
-
-// piece is a guest range of one kind. hasHost is set when a host offset is
+// piece is a guest range of one kind (qcow.ExtentKind: what it reads as,
+// according to the image alone). hasHost is set when a host offset is
 // attached (data, zero clusters with a preallocated host cluster,
 // unallocated subclusters of an allocated extended-L2 cluster).
 type piece struct {
 	start, length uint64
-	kind          Kind
+	kind          qcow.ExtentKind
 	host          uint64
 	hasHost       bool
 	compressed    bool
@@ -53,18 +44,18 @@ func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBi
 	}
 	if e.Compressed() {
 		off, _ := e.CompressedExtent(h.ClusterBits)
-		clip(piece{start: start, length: cs, kind: KindData, host: off, compressed: true})
+		clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: off, compressed: true})
 		return
 	}
 	host := e.Offset()
 	if !h.ExtendedL2() {
 		switch {
 		case e.Zero():
-			clip(piece{start: start, length: cs, kind: KindZero, host: host, hasHost: host != 0})
+			clip(piece{start: start, length: cs, kind: qcow.ExtentZero, host: host, hasHost: host != 0})
 		case host != 0:
-			clip(piece{start: start, length: cs, kind: KindData, host: host, hasHost: true})
+			clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: host, hasHost: true})
 		default:
-			clip(piece{start: start, length: cs, kind: KindUnallocated})
+			clip(piece{start: start, length: cs, kind: qcow.ExtentUnallocated})
 		}
 		return
 	}
@@ -73,11 +64,11 @@ func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBi
 		p := piece{start: start + uint64(i)*sc, length: sc, host: host + uint64(i)*sc, hasHost: host != 0}
 		switch {
 		case bm.Allocated(i) && host != 0:
-			p.kind = KindData
+			p.kind = qcow.ExtentData
 		case bm.ReadsZero(i):
-			p.kind = KindZero
+			p.kind = qcow.ExtentZero
 		default:
-			p.kind = KindUnallocated
+			p.kind = qcow.ExtentUnallocated
 		}
 		if !p.hasHost {
 			p.host = 0
@@ -110,7 +101,7 @@ func walkFile(im *image, emit func(piece)) error {
 			if start+length > h.Size {
 				length = h.Size - start
 			}
-			emit(piece{start: start, length: length, kind: KindUnallocated})
+			emit(piece{start: start, length: length, kind: qcow.ExtentUnallocated})
 			continue
 		}
 		if e.Offset()%im.cs != 0 || !im.inFile(e.Offset(), im.cs) {
@@ -143,7 +134,7 @@ func walkFile(im *image, emit func(piece)) error {
 	// An L1 table shorter than the disk (allowed when the tail is
 	// unallocated) leaves the rest undescribed.
 	if end := uint64(len(l1)) * span; end < h.Size {
-		emit(piece{start: end, length: h.Size - end, kind: KindUnallocated})
+		emit(piece{start: end, length: h.Size - end, kind: qcow.ExtentUnallocated})
 	}
 	return nil
 }
