@@ -250,7 +250,7 @@ func overlapping(ext hints.Extents, start, end int64) hints.Extents {
 // is mapped read-only rather than allocated: every page of it is then the
 // kernel's one zero page (always in cache), and it stays out of the Go heap,
 // where 4 MiB allocated at start-up set off a garbage collection in every
-// run (a millisecond of the 7 ms start-up).
+// run, a noticeable part of the start-up (see docs/PERFORMANCE.md).
 var zeroWindow = readOnlyZeros(window)
 
 func readOnlyZeros(n int) []byte {
@@ -266,12 +266,11 @@ func readOnlyZeros(n int) []byte {
 const ringDepth = 4
 
 // readersFor is how many reads a pass keeps in flight. Under O_DIRECT every
-// read waits for the device, and two requests in flight read a loop device
-// over tmpfs 20 % faster than one (0.45 s instead of 0.55 s for both passes
-// of 1 GiB; more made no difference on two cores). From the page cache a
+// read waits for the device, and two requests in flight keep it busier
+// than one (more made no difference on two cores). From the page cache a
 // read is a copy on our core: a second reader helps only when the consumer
-// has a copy of its own to make (a diff compares two windows: 4 GiB of 25 %
-// full images 0.62 s -> 0.47 s). See docs/PERFORMANCE.md.
+// has a copy of its own to make (a diff compares two windows). The
+// figures are in docs/PERFORMANCE.md.
 func (e *exporter) readersFor(width int) int {
 	if e.opt.Source.Direct() || width == 2 {
 		return 2

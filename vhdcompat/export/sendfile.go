@@ -13,7 +13,7 @@ var errNoSendfile = errors.New("sendfile not supported between these files")
 
 // pipeSize is what we ask of F_SETPIPE_SZ: with the default 64 KiB pipe
 // each sendfile call moves 16 pages; 1 MiB moves the data several times
-// faster (measured, see docs/PERFORMANCE.md).
+// faster (see docs/PERFORMANCE.md).
 const pipeSize = 1 << 20
 
 // sendfile copies n bytes at off of src to out in the kernel. It returns

@@ -22,17 +22,12 @@ import (
 // so whatever holds them downstream (a socket waiting for an ACK) sees the
 // bytes we read. Several lanes — a goroutine and a private pipe each —
 // keep several direct reads in flight; the writer drains the lanes in
-// turn, so the output stays in guest order.
-//
-// Measured on a loop device with direct I/O over tmpfs, to `cat
-// >/dev/null` on two cores (medians of 11, see docs/PERFORMANCE.md): 1 GiB
-// in 0.20 s after the allocation pass, against 0.34 s through memory, and
-// 256 MiB by allocation map in 0.072 s against 0.056 s for dd reading as
-// much to /dev/null.
+// turn, so the output stays in guest order. What this saves against a
+// pass through memory is in docs/PERFORMANCE.md.
 
 // spliceLanes is the number of direct reads in flight. Two already keep
-// the device busy (as in the allocation pass); three measured the same
-// within the noise here, with more wakeups.
+// the device busy (as in the allocation pass); three measured no faster,
+// with more wakeups.
 const spliceLanes = 2
 
 // piece is a run of the output's data area: n bytes of the source at off,
@@ -47,7 +42,7 @@ type piece struct {
 // the writer will drain them. It starts a chunk only once the writer has
 // drained the previous one: splice holds the pipe's lock for the whole
 // direct read, so a read into a pipe still being drained stalls the writer
-// (measured: 1 GiB through three lanes to cat, 0.37 s -> 0.26 s).
+// (see docs/PERFORMANCE.md).
 type lane struct {
 	r, w    int           // the pipe's ends
 	jobs    chan piece    // chunks to read, in order

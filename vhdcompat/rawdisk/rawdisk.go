@@ -204,9 +204,9 @@ func (d *Disk) Sync() error {
 // AlignedBuffer returns a zeroed buffer of n bytes whose address is aligned
 // for O_DIRECT. A buffer of 2 MiB or more is aligned to 2 MiB and asked to
 // be backed by huge pages: an O_DIRECT read pins the buffer's pages for the
-// device, and with 4 KiB pages pinning took a tenth of the CPU of a direct
-// scan (get_user_pages and the bio built page by page); one huge page
-// stands for 512 of them.
+// device, and with 4 KiB pages the pinning (get_user_pages and the bio
+// built page by page) was a visible share of a direct scan's CPU (see
+// docs/PERFORMANCE.md); one huge page stands for 512 of them.
 func AlignedBuffer(n int) []byte {
 	align := Alignment
 	if n >= hugePage {
