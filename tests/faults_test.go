@@ -504,9 +504,9 @@ const (
 
 func be64(b []byte, off int64) uint64 { return binary.BigEndian.Uint64(b[off:]) }
 
-// hostileCases damages img at each section and in each field that the
-// decoder must check: truncations, header fields, tables pointing into
-// metadata or far away, duplicate references, garbage compressed data.
+// hostileCases damages a real export where the decoder's corpus does not
+// reach: a large layout, the destination's size, damage to the refcounts
+// alone (which an import may ignore).
 func hostileCases(h hostileImage) []hostileCase {
 	put32 := func(off int64, v uint32) func([]byte) []byte {
 		return func(b []byte) []byte { binary.BigEndian.PutUint32(b[off:], v); return b }
@@ -522,57 +522,23 @@ func hostileCases(h hostileImage) []hostileCase {
 	var cases []hostileCase
 	add := func(name string, f func([]byte) []byte) { cases = append(cases, hostileCase{name, f, false}) }
 
-	for _, n := range []int64{0, 50, 104, h.cs, h.refOffset + 8, h.l1Offset, h.l1Offset + 8, l2a + 100,
-		h.dataStart, h.dataStart + h.cs/2, int64(len(h.img)) - 1} {
+	// Damage that the decoder's corpus (qcow/testdata/hostile, 4 KiB
+	// clusters, run below too) does not show: cuts of a large stream, a
+	// size past the destination's, counts and descriptors at 64 KiB
+	// clusters, where a table sized by a hostile count would be largest.
+	for _, n := range []int64{h.l1Offset + 8, l2a + 100, h.dataStart + h.cs/2, int64(len(h.img)) - 1} {
 		add(fmt.Sprintf("truncated-at-%d", n), cut(n))
 	}
-	add("magic", put32(0, 0x51464900))
-	add("version-1", put32(4, 1))
-	add("version-4", put32(4, 4))
-	add("backing-file-past-end", both(put64(8, 1<<40), put32(16, 12)))
-	add("backing-file-name-huge", both(put64(8, 200), put32(16, 0xffffffff)))
-	add("cluster-bits-8", put32(20, 8))
-	add("cluster-bits-22", put32(20, 22))
-	add("cluster-bits-63", put32(20, 63))
-	add("size-2^63", put64(24, 1<<63))
 	add("size-2^60", put64(24, 1<<60))
 	add("size-larger-than-destination", put64(24, uint64(h.vsize)+cs))
-	add("crypt-method", put32(32, 1))
 	add("l1-size-huge", put32(36, 0xffffffff))
-	add("l1-size-too-small", put32(36, 1))
-	add("l1-offset-unaligned", put64(40, uint64(h.l1Offset)+8))
-	add("l1-offset-far", put64(40, 1<<55))
-	add("l1-offset-in-header", put64(40, 0))
-	add("l1-offset-on-refcount-table", put64(40, uint64(h.refOffset)))
-	add("refcount-table-unaligned", put64(48, uint64(h.refOffset)+8))
-	add("refcount-table-in-header", put64(48, 0))
 	add("refcount-table-clusters-huge", put32(56, 0xffffffff))
 	add("snapshots-huge", both(put32(60, 0xffffffff), put64(64, 1<<55)))
-	add("incompatible-unknown-bit", put64(72, 1<<63))
-	add("incompatible-corrupt", put64(72, 1<<1))
-	add("incompatible-external-data", put64(72, 1<<2))
-	add("refcount-order-7", put32(96, 7))
-	add("header-length-short", put32(100, 50))
 	add("header-length-huge", put32(100, 0xffffffff))
-	add("compression-type-unknown", both(put64(72, 1<<3), func(b []byte) []byte { b[104] = 9; return b }))
 
 	l1 := func(i int, v uint64) func([]byte) []byte { return put64(h.l1Offset+8*int64(i), v) }
 	l2 := func(i int, v uint64) func([]byte) []byte { return put64(l2a+8*int64(i), v) }
-	add("l1-into-header", l1(0, cs|copied))
-	add("l1-into-refcount-table", l1(0, uint64(h.refOffset)|copied))
-	add("l1-into-itself", l1(0, uint64(h.l1Offset)|copied))
-	add("l1-into-data", l1(0, data0|copied))
-	add("l1-far", l1(0, 1<<55|copied))
-	add("l1-unaligned", l1(0, uint64(l2a)+512|copied))
-	add("l1-reserved-bits", l1(0, h.l1[0]|1<<2))
 	add("l1-duplicate-l2", l1(1, h.l1[0]))
-	add("l2-into-header", l2(0, cs|copied))
-	add("l2-into-refcount-table", l2(0, uint64(h.refOffset)|copied))
-	add("l2-into-l1", l2(0, uint64(h.l1Offset)|copied))
-	add("l2-into-itself", l2(0, uint64(l2a)|copied))
-	add("l2-far", l2(0, 1<<55|copied))
-	add("l2-unaligned", l2(0, data0+512|copied))
-	add("l2-reserved-bits", l2(0, data0|copied|1<<57))
 	add("l2-duplicate-reference", l2(1, data0|copied))
 	// Compressed descriptor for 64 KiB clusters: offset in bits 0..53,
 	// additional 512-byte sectors in bits 54..61.
