@@ -335,8 +335,8 @@ func TestFaultDestinationTooSmall(t *testing.T) {
 }
 
 // TestFaultNotDisks: paths that are not disks — a directory, a FIFO, a
-// character device, a missing file — as an export's base and an import's
-// source or destination: one line, promptly (opening a FIFO would block),
+// character device, a missing file — as an export's source or base and an
+// import's source or destination: one line, promptly (opening a FIFO would block),
 // nothing created.
 func TestFaultNotDisks(t *testing.T) {
 	dir := t.TempDir()
@@ -359,6 +359,9 @@ func TestFaultNotDisks(t *testing.T) {
 		{[]string{"stream", "--source", ok, "--relative-to", "/dev/zero", "--destination", "null:"}, "character device"},
 		{[]string{"stream", "--source", ok, "--relative-to", missing, "--destination", "null:"}, "no such file"},
 		{[]string{"stream", "--source", fifo, "--destination", "null:"}, "FIFO"},
+		{[]string{"stream", "--source", dir, "--destination", "null:"}, "directory"},
+		{[]string{"stream", "--source", "/dev/null", "--destination", "null:"}, "character device"},
+		{[]string{"stream", "--source", missing, "--destination", "null:"}, "no such file"},
 		{[]string{"serve", "--source", img, "--destination", dir}, "directory"},
 		{[]string{"serve", "--source", img, "--destination", fifo}, "FIFO"},
 		{[]string{"serve", "--source", img, "--destination", "/dev/null"}, "character device"},

@@ -1,7 +1,6 @@
 package rawdisk
 
 import (
-	"errors"
 	"fmt"
 	"os"
 )
@@ -18,15 +17,4 @@ func Inherited(fd int) (*os.File, error) {
 		return nil, fmt.Errorf("descriptor %d is not open", fd)
 	}
 	return f, nil
-}
-
-// WithoutPath returns the cause inside an *os.PathError ("no such file or
-// directory" without "open PATH: "), for messages that name the path
-// their own way; other errors are returned as they are.
-func WithoutPath(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
 }

@@ -64,6 +64,17 @@ func (e *DiskError) Unwrap() error { return e.Err }
 // device.
 var ErrNotDisk = errors.New("not a regular file or block device")
 
+// WithoutPath returns the cause inside an *os.PathError ("no such file or
+// directory" without "open PATH: "), for messages that name the path
+// their own way; other errors are returned as they are.
+func WithoutPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
 // Open opens a disk for reading. With direct it uses O_DIRECT: reads must
 // then go through ReadAt with buffers from AlignedBuffer.
 func Open(path string, direct bool) (*Disk, error) {
