@@ -347,6 +347,13 @@ type l2cursor struct {
 	i, n uint64 // next entry, entries to walk
 }
 
+// newL2Cursor walks the L2 table tab, read at host offset at, that L1
+// entry l1idx names: its entries up to the virtual size.
+func (d *decoder) newL2Cursor(tab []byte, at, l1idx uint64) *l2cursor {
+	g0 := l1idx * d.h.L2Entries()
+	return &l2cursor{tab: tab, at: at, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
+}
+
 // next decodes the cursor's next entry and the host offset it was read
 // at; done reports that the table has been walked. Both decoders walk L2
 // tables with it.

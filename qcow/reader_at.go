@@ -190,8 +190,7 @@ func (a *atState) stepL1() error {
 	if err != nil {
 		return err
 	}
-	g0 := i * d.h.L2Entries()
-	a.l2 = &l2cursor{tab: tab, at: off, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
+	a.l2 = d.newL2Cursor(tab, off, i)
 	return nil
 }
 

@@ -244,10 +244,7 @@ func (s *streamState) stepL1() error {
 }
 
 func (s *streamState) startL2(tab []byte, at, l1idx uint64) {
-	d := s.d
-	g0 := l1idx * d.h.L2Entries()
-	n := min(d.h.L2Entries(), d.h.VirtualClusters()-g0)
-	s.l2 = &l2cursor{tab: tab, at: at, g0: g0, n: n}
+	s.l2 = s.d.newL2Cursor(tab, at, l1idx)
 }
 
 // stepL2 handles one entry of the L2 table being walked.

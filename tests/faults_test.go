@@ -67,8 +67,9 @@ func TestFaultExportReaderGoesAway(t *testing.T) {
 
 // TestFaultSignals: SIGTERM and SIGINT while an export (stream or the
 // drop-in) is blocked on a pipe nobody reads, and while the import waits
-// for a stream that stalls after its first clusters: the tool exits non-zero within 2 s with one
-// line naming the signal, and the journal records the failure.
+// for a stream that stalls after its first clusters: the tool exits
+// non-zero within 2 s with one line naming the signal, and the journal
+// records the failure.
 func TestFaultSignals(t *testing.T) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
