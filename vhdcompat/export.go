@@ -20,12 +20,13 @@ import (
 // drop-in both hand one to Export, so that both emit the same bytes.
 type ExportRequest struct {
 	// Source is the raw disk's path, or SourceFile a disk already open
-	// (an inherited descriptor, which --direct switches to O_DIRECT, or
-	// stdin, which is left as it is).
+	// (an inherited descriptor or stdin).
 	Source     string
 	SourceFile *os.File
 	Base       string // the base of a diff ("": a full export)
-	Direct     bool   // read source and base with O_DIRECT
+	// IO says how source and base are read: O_DIRECT on block devices
+	// unless --buffered, on files too with --direct.
+	IO rawdisk.IO
 
 	ClusterSize, RefcountBits uint64
 	// ClusterSizeFlag and RefcountBitsFlag name the options that gave
@@ -73,21 +74,22 @@ func Export(env *Env, req *ExportRequest) error {
 	x := &openedExport{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: req.BackingFile,
 		Out: req.Out, OutName: req.OutName, RefuseTerminal: req.RefuseTerminal}
 	defer x.Close()
+	disk := env.DiskOptions(req.IO)
 	switch f := req.SourceFile; {
 	case f == nil:
-		x.Source, err = rawdisk.Open(req.Source, req.Direct)
+		x.Source, err = rawdisk.OpenWith(req.Source, disk)
 	case f == env.Stdin:
 		// A disk redirected onto stdin; a pipe is refused by rawdisk.
-		x.Source, err = rawdisk.FromFile(f, "stdin")
+		x.Source, err = rawdisk.FromFileWith(f, "stdin", disk)
 	default:
-		x.Source, err = rawdisk.FromFileDirect(f, f.Name(), req.Direct)
+		x.Source, err = rawdisk.FromFileWith(f, f.Name(), disk)
 	}
 	if err != nil {
 		return err
 	}
 	var base *hints.Disk
 	if req.Base != "" {
-		if x.Base, err = rawdisk.Open(req.Base, req.Direct); err != nil {
+		if x.Base, err = rawdisk.OpenWith(req.Base, disk); err != nil {
 			return fmt.Errorf("base %w", err)
 		}
 		base = &hints.Disk{Name: x.Base.Path(), Size: x.Base.Size()}
@@ -152,7 +154,7 @@ func (r *openedExport) run(env *Env) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	attrs := []any{"source", r.Source.Path(), "destination", r.OutName, "virtual_size", r.Source.Size(),
-		"cluster_size", uint64(1) << r.ClusterBits}
+		"cluster_size", uint64(1) << r.ClusterBits, "direct", r.Source.Direct()}
 	if r.Base != nil {
 		attrs = append(attrs, "base", r.Base.Path())
 	}
@@ -178,11 +180,12 @@ func (r *openedExport) run(env *Env) error {
 	}
 	log.Info("export finished", append(attrs, "data_clusters", res.Layout.DataClusters,
 		"bytes_written", res.Layout.Size(), "elapsed_ms", time.Since(start).Milliseconds())...)
-	if r.Out != nil && r.Out.Fd() > 2 {
-		// A file destination: make it durable before saying success.
-		if st, err := r.Out.Stat(); err == nil && st.Mode().IsRegular() {
+	if r.Out != nil {
+		// A file or device destination, stdout redirected to one included
+		// (`qcow2-to-stdout DEV > copy.qcow2`): durable before success.
+		if st, err := r.Out.Stat(); err == nil && (st.Mode().IsRegular() || st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0) {
 			if err := r.Out.Sync(); err != nil {
-				return fmt.Errorf("export of %s: fsync %s: %w", r.Source.Path(), r.OutName, err)
+				return fmt.Errorf("export of %s: fsync %s: %w", r.Source.Path(), r.OutName, rawdisk.WithoutPath(err))
 			}
 		}
 	}

@@ -9,42 +9,44 @@ import (
 )
 
 // The support commands' requests: each names a qcow2 file or block device,
-// opened read-only, or "-" for a stream on stdin. The errors name the
-// command, as the one-line error of every command does.
+// opened read-only as io says (a block device with O_DIRECT by default,
+// read through rawdisk's Unaligned reader), or "-" for a stream on stdin.
+// The errors name the command, as the one-line error of every command
+// does.
 
 // Info describes the image at path.
-func Info(env *Env, path string) (*inspect.Info, error) {
-	return inspectPath(env, "info", path, func(d *rawdisk.Disk) (*inspect.Info, error) { return inspect.InfoFile(d, d.Size()) }, inspect.InfoStream)
+func Info(env *Env, path string, dio rawdisk.IO) (*inspect.Info, error) {
+	return inspectPath(env, "info", path, dio, func(d *rawdisk.Disk) (*inspect.Info, error) { return inspect.InfoFile(d.Unaligned(), d.Size()) }, inspect.InfoStream)
 }
 
 // Map lists the allocation of the image at path, as qemu-img map does.
-func Map(env *Env, path string) ([]inspect.MapEntry, error) {
-	return inspectPath(env, "map", path, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) { return inspect.MapFile(d, d.Size(), d) }, inspect.MapStream)
+func Map(env *Env, path string, dio rawdisk.IO) ([]inspect.MapEntry, error) {
+	return inspectPath(env, "map", path, dio, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) { return inspect.MapFile(d.Unaligned(), d.Size(), d) }, inspect.MapStream)
 }
 
 // Check checks the structure of the image at path, as qemu-img check does.
-func Check(env *Env, path string) (*inspect.CheckResult, error) {
-	return inspectPath(env, "check", path, func(d *rawdisk.Disk) (*inspect.CheckResult, error) { return inspect.CheckFile(d, d.Size()) }, inspect.CheckStream)
+func Check(env *Env, path string, dio rawdisk.IO) (*inspect.CheckResult, error) {
+	return inspectPath(env, "check", path, dio, func(d *rawdisk.Disk) (*inspect.CheckResult, error) { return inspect.CheckFile(d.Unaligned(), d.Size()) }, inspect.CheckStream)
 }
 
 // Compare compares what the disks at paths a and b read as, each raw or
 // qcow2.
-func Compare(a, b string) (*inspect.CompareResult, error) {
-	da, err := rawdisk.Open(a, false)
+func Compare(env *Env, a, b string, dio rawdisk.IO) (*inspect.CompareResult, error) {
+	da, err := rawdisk.OpenWith(a, env.DiskOptions(dio))
 	if err != nil {
 		return nil, err
 	}
 	defer da.Close()
-	db, err := rawdisk.Open(b, false)
+	db, err := rawdisk.OpenWith(b, env.DiskOptions(dio))
 	if err != nil {
 		return nil, err
 	}
 	defer db.Close()
-	return inspect.Compare(da, da.Size(), db, db.Size())
+	return inspect.Compare(da.Unaligned(), da.Size(), db.Unaligned(), db.Size())
 }
 
 // inspectPath runs file on the disk at path, or stream on stdin for "-".
-func inspectPath[T any](env *Env, cmd, path string, file func(*rawdisk.Disk) (T, error), stream func(io.Reader) (T, error)) (T, error) {
+func inspectPath[T any](env *Env, cmd, path string, dio rawdisk.IO, file func(*rawdisk.Disk) (T, error), stream func(io.Reader) (T, error)) (T, error) {
 	var res T
 	var err error
 	name := path
@@ -52,7 +54,7 @@ func inspectPath[T any](env *Env, cmd, path string, file func(*rawdisk.Disk) (T,
 		name = "stdin"
 		res, err = stream(env.Stdin)
 	} else {
-		d, oerr := rawdisk.Open(path, false)
+		d, oerr := rawdisk.OpenWith(path, env.DiskOptions(dio))
 		if oerr != nil {
 			return res, fmt.Errorf("%s: %w", cmd, oerr)
 		}

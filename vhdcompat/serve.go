@@ -20,8 +20,8 @@ type ServeCmd struct {
 	DestinationSize   int64  `name:"destination-size" help:"Size of the destination in bytes: a larger image is refused before any write." placeholder:"BYTES"`
 	Prezeroed         bool   `help:"The destination already reads as zeros: zeros are not written."`
 	Delta             bool   `help:"Apply a diff: leave clusters the image does not allocate untouched (zero clusters are still zeroed); a backing file is accepted."`
-	Direct            bool   `aliases:"unbuffered" help:"Write the destination with O_DIRECT."`
 	MaxBuffer         int64  `name:"max-buffer" help:"Bytes of stream data that may be held in memory before the tables say where they go (0: the decoder's default, 256 MiB)." placeholder:"BYTES"`
+	DiskIOFlags
 	ProgressFlags
 	CompatFlags
 }
@@ -65,8 +65,12 @@ func (c *ServeCmd) Run(env *Env) error {
 	if c.MaxBuffer < 0 {
 		return &UsageError{fmt.Sprintf("--max-buffer %d must not be negative", c.MaxBuffer)}
 	}
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
 	opt := importer.Options{
-		DestinationSize: c.DestinationSize, Direct: c.Direct, Delta: c.Delta, Prezeroed: c.Prezeroed,
+		DestinationSize: c.DestinationSize, Disk: rawdisk.Options{IO: dio}, Delta: c.Delta, Prezeroed: c.Prezeroed,
 		MaxBuffered: c.MaxBuffer,
 	}
 
@@ -117,6 +121,7 @@ func Import(env *Env, opt importer.Options, p ProgressFlags) error {
 	}
 	opt.Progress = progress.Update
 	opt.Log = env.Log
+	opt.Disk = env.DiskOptions(opt.Disk.IO)
 	SpareProcForIO()
 	_, err = importer.Run(env.Ctx, opt)
 	progress.Finish(err == nil)
@@ -125,9 +130,10 @@ func Import(env *Env, opt importer.Options, p ProgressFlags) error {
 
 // StreamDecode is qcow-stream-tool's stream_decode: the image on stdin
 // into the raw disk at path, leaving what it does not allocate untouched.
-func StreamDecode(env *Env, path string) error {
+func StreamDecode(env *Env, path string, io rawdisk.IO) error {
 	if path == "" {
 		return &UsageError{"stream_decode: PATH is empty (give the raw file or block device to write)"}
 	}
-	return Import(env, importer.Options{Source: env.Stdin, SourceName: "stdin", DestinationPath: path, Delta: true}, ProgressFlags{})
+	return Import(env, importer.Options{Source: env.Stdin, SourceName: "stdin", DestinationPath: path, Delta: true,
+		Disk: rawdisk.Options{IO: io}}, ProgressFlags{})
 }

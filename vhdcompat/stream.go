@@ -22,7 +22,6 @@ type StreamCmd struct {
 	ClusterSize         uint64 `default:"65536" help:"Cluster size in bytes: a power of two from 512 to 2097152."`
 	RefcountBits        uint64 `default:"16" help:"Refcount width in bits: a power of two from 1 to 64."`
 	BackingFile         string `help:"Name this file as the image's raw backing file (a diff qemu-img can read whole)." placeholder:"NAME"`
-	Direct              bool   `aliases:"unbuffered" help:"Read the source and base with O_DIRECT."`
 	AllocationMap       string `help:"qemu-img map --output=json of the qcow2 behind the source (a path or fd://N): read only what it allocates." placeholder:"FILE"`
 	AllocationInfo      string `help:"qemu-img info --output=json of the qcow2 behind the source: its cluster size replaces --cluster-size." placeholder:"FILE"`
 	BaseAllocationMap   string `help:"qemu-img map --output=json of the qcow2 behind the base." placeholder:"FILE"`
@@ -30,6 +29,7 @@ type StreamCmd struct {
 	AllocationHeader    string `help:"Older xapi's JSON header for the source (virtual_size, cluster_bits, data_clusters; a path or fd://N): read only those clusters, in its cluster size." placeholder:"FILE"`
 	BaseAllocHeader     string `name:"base-allocation-header" help:"Older xapi's JSON header for the base." placeholder:"FILE"`
 	ChangedBlocks       string `help:"Changed block tracking bitmap (base64, from VDI.list_changed_blocks; a path or fd://N): export only the flagged 64 KiB blocks." placeholder:"FILE"`
+	DiskIOFlags
 	ProgressFlags
 	CompatFlags
 }
@@ -62,8 +62,12 @@ func (c *StreamCmd) Run(env *Env) error {
 	if c.DestinationFormat != "qcow2" {
 		return &UsageError{fmt.Sprintf("--destination-format %s is not supported (supported: qcow2)", c.DestinationFormat)}
 	}
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
 	req := &ExportRequest{
-		Base: c.RelativeTo, Direct: c.Direct,
+		Base: c.RelativeTo, IO: dio,
 		ClusterSize: c.ClusterSize, ClusterSizeFlag: "--cluster-size",
 		RefcountBits: c.RefcountBits, RefcountBitsFlag: "--refcount-bits",
 		BackingFile: c.BackingFile, RefuseTerminal: true, Progress: c.ProgressFlags,

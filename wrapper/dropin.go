@@ -21,9 +21,15 @@ func (c *Qcow2ToStdoutCmd) Run(env *vhdcompat.Env) error {
 // allocate untouched (serve --delta), nothing on stdout.
 type StreamDecodeCmd struct {
 	Path string `arg:"" help:"Raw file or block device to write."`
+	vhdcompat.DiskIOFlags
+	Verbose bool `short:"v" help:"Log details to stderr."`
 }
 
 // Run executes stream_decode.
 func (c *StreamDecodeCmd) Run(env *vhdcompat.Env) error {
-	return vhdcompat.StreamDecode(env, c.Path)
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
+	return vhdcompat.StreamDecode(env, c.Path, dio)
 }

@@ -31,6 +31,9 @@ Options (before or after INPUT):
                               cluster_bits and data_clusters
   --json-header-diff FD       older xapi: the same object for BASE
   -d, -R                      external data files: not supported
+  --direct, --buffered        O_DIRECT or the page cache for INPUT and BASE (default:
+                              O_DIRECT for block devices, the page cache for files)
+  -v                          log details to stderr
 FD is a descriptor number (fd://N and paths work too).
 
 Examples:
@@ -49,6 +52,7 @@ type dropinArgs struct {
 	legacyHeader          bool
 	legacyBaseFD          string
 	help                  bool
+	direct, buffered      bool
 }
 
 // dropinValueOptions take a value; dropinFlags do not.
@@ -61,13 +65,15 @@ var dropinValueOptions = map[string]bool{
 
 var dropinFlags = map[string]bool{
 	"--json-header": true, "-d": true, "-R": true, "-h": true, "--help": true,
-	// Ours, for the log; the reference has no such options.
+	// Ours, for the log and the page cache; the reference has no such
+	// options.
 	"-v": true, "--verbose": true, "--debug": true,
+	"--direct": true, "--unbuffered": true, "--buffered": true,
 }
 
 // referenceLongOptions are the reference script's long options, of which
 // argparse accepts any unambiguous prefix (--dif for --diff). Ours
-// (--verbose, --debug) are matched whole, so that they make no prefix
+// (--verbose, --debug, --direct, --unbuffered, --buffered) are matched whole, so that they make no prefix
 // ambiguous that the reference accepts.
 var referenceLongOptions = []string{
 	"--diff", "--help", "--json-header", "--json-header-diff",
@@ -247,6 +253,10 @@ func (a *dropinArgs) flag(name string) error {
 		a.help = true
 	case "--json-header":
 		a.legacyHeader = true
+	case "--direct", "--unbuffered":
+		a.direct = true
+	case "--buffered":
+		a.buffered = true
 	}
 	return nil
 }
@@ -305,8 +315,12 @@ func runQcow2ToStdout(env *vhdcompat.Env, args []string) error {
 		fmt.Fprintf(env.Stdout, "Usage: qcow2-to-stdout INPUT [options]\n\n%s\n", qcow2ToStdoutHelp)
 		return nil
 	}
+	dio, err := vhdcompat.DiskIO(a.direct, a.buffered)
+	if err != nil {
+		return err
+	}
 	req := &vhdcompat.ExportRequest{
-		Source: a.input, Base: a.base,
+		Source: a.input, Base: a.base, IO: dio,
 		ClusterSize: a.clusterSize, ClusterSizeFlag: "-c",
 		RefcountBits: a.refcountBits, RefcountBitsFlag: "-r",
 		Out: env.Stdout, OutName: "stdout", RefuseTerminal: true,

@@ -34,6 +34,7 @@ func writeJSON(w io.Writer, v any) error {
 // InfoCmd describes an image.
 type InfoCmd struct {
 	outputFlag
+	vhdcompat.DiskIOFlags
 	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
 }
 
@@ -53,7 +54,11 @@ Examples:
 
 // Run executes info.
 func (c *InfoCmd) Run(env *vhdcompat.Env) error {
-	info, err := vhdcompat.Info(env, c.Path)
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
+	info, err := vhdcompat.Info(env, c.Path, dio)
 	if err != nil {
 		return err
 	}
@@ -67,6 +72,7 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 // MapCmd lists the allocation of an image.
 type MapCmd struct {
 	outputFlag
+	vhdcompat.DiskIOFlags
 	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
 }
 
@@ -88,7 +94,11 @@ Examples:
 
 // Run executes map.
 func (c *MapCmd) Run(env *vhdcompat.Env) error {
-	m, err := vhdcompat.Map(env, c.Path)
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
+	m, err := vhdcompat.Map(env, c.Path, dio)
 	if err != nil {
 		return err
 	}
@@ -141,6 +151,7 @@ func (c *MapCmd) Run(env *vhdcompat.Env) error {
 // CheckCmd validates the structure of an image.
 type CheckCmd struct {
 	outputFlag
+	vhdcompat.DiskIOFlags
 	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
 }
 
@@ -163,7 +174,11 @@ Examples:
 
 // Run executes check.
 func (c *CheckCmd) Run(env *vhdcompat.Env) error {
-	res, err := vhdcompat.Check(env, c.Path)
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
+	res, err := vhdcompat.Check(env, c.Path, dio)
 	if err != nil {
 		return err
 	}
@@ -186,6 +201,7 @@ func (c *CheckCmd) Run(env *vhdcompat.Env) error {
 type CompareCmd struct {
 	A string `arg:"" help:"First disk: raw or qcow2 file."`
 	B string `arg:"" help:"Second disk: raw or qcow2 file."`
+	vhdcompat.DiskIOFlags
 }
 
 // Help is the long help with an example.
@@ -204,7 +220,11 @@ Example:
 
 // Run executes compare.
 func (c *CompareCmd) Run(env *vhdcompat.Env) error {
-	res, err := vhdcompat.Compare(c.A, c.B)
+	dio, err := c.IO()
+	if err != nil {
+		return err
+	}
+	res, err := vhdcompat.Compare(env, c.A, c.B, dio)
 	if err != nil {
 		return &vhdcompat.ExitError{Code: 2, Err: fmt.Errorf("compare: %w", err)}
 	}

@@ -32,7 +32,10 @@ type Options struct {
 	// larger image is refused before any write.
 	DestinationSize int64
 
-	Direct    bool // O_DIRECT on a destination opened by path
+	// Disk says how the destination is opened: O_DIRECT or the page
+	// cache (rawdisk.IOAuto: O_DIRECT on a block device), and whom to
+	// tell when O_DIRECT is refused.
+	Disk      rawdisk.Options
 	Delta     bool // leave unallocated clusters untouched; accept a backing file
 	Prezeroed bool // the destination already reads as zeros
 	// MaxBuffered bounds the stream data the decoder may hold before it
@@ -254,10 +257,10 @@ func (c ctxReader) Read(p []byte) (int, error) {
 
 func openDestination(opt Options) (*rawdisk.Disk, error) {
 	if opt.Destination != nil {
-		return rawdisk.FromFileDirect(opt.Destination, opt.DestinationName, opt.Direct)
+		return rawdisk.FromFileWith(opt.Destination, opt.DestinationName, opt.Disk)
 	}
 	if opt.DestinationPath == "" {
 		return nil, errors.New("no destination")
 	}
-	return rawdisk.OpenFile(opt.DestinationPath, opt.Direct, 0o644)
+	return rawdisk.OpenFileWith(opt.DestinationPath, 0o644, opt.Disk)
 }

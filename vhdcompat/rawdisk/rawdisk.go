@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -40,8 +42,14 @@ type Disk struct {
 	path   string
 	kind   Kind
 	size   int64
-	direct bool
 	sector int64 // logical block size for O_DIRECT
+	opts   Options
+	// direct is whether the descriptor has O_DIRECT; it is cleared, once,
+	// when the disk refuses a direct I/O (see refuseDirect), possibly while
+	// readers run on other goroutines.
+	direct    atomic.Bool
+	refuseMu  sync.Mutex
+	refusedBy error
 }
 
 // DiskError names the disk and the operation that failed.
@@ -75,24 +83,40 @@ func WithoutPath(err error) error {
 	return err
 }
 
-// Open opens a disk for reading. With direct it uses O_DIRECT: reads must
-// then go through ReadAt with buffers from AlignedBuffer.
+// Open opens a disk for reading. With direct it uses O_DIRECT; without,
+// the default applies: O_DIRECT on a block device, the page cache for a
+// regular file (IOAuto). Direct reads must go through ReadAt with buffers
+// from AlignedBuffer.
 func Open(path string, direct bool) (*Disk, error) {
-	return open(path, os.O_RDONLY, direct, 0)
+	return OpenWith(path, Options{IO: ioFor(direct)})
 }
 
-// OpenFile opens a disk for writing (the import destination). A regular file
-// is created if missing, with mode perm.
+// OpenWith opens a disk for reading as o says.
+func OpenWith(path string, o Options) (*Disk, error) {
+	return open(path, os.O_RDONLY, o, 0)
+}
+
+// OpenFile opens a disk for writing (the import destination), with
+// O_DIRECT as Open decides. A regular file is created if missing, with
+// mode perm.
 func OpenFile(path string, direct bool, perm os.FileMode) (*Disk, error) {
-	return open(path, os.O_RDWR|os.O_CREATE, direct, perm)
+	return OpenFileWith(path, perm, Options{IO: ioFor(direct)})
+}
+
+// OpenFileWith opens a disk for writing as o says.
+func OpenFileWith(path string, perm os.FileMode, o Options) (*Disk, error) {
+	return open(path, os.O_RDWR|os.O_CREATE, o, perm)
 }
 
 // FromFile wraps an already open descriptor (vhd-tool's --source-fd and
-// --destination-fd).
+// --destination-fd) as it is: its O_DIRECT flag is left alone.
 func FromFile(f *os.File, name string) (*Disk, error) {
 	d := &Disk{f: f, path: name}
 	if err := d.stat(); err != nil {
 		return nil, err
+	}
+	if fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0); err == nil && fl&unix.O_DIRECT != 0 {
+		d.direct.Store(true)
 	}
 	return d, nil
 }
@@ -100,46 +124,76 @@ func FromFile(f *os.File, name string) (*Disk, error) {
 // FromFileDirect wraps an already open descriptor like FromFile and, with
 // direct, turns on O_DIRECT on it (fcntl F_SETFL): xapi opens the disk and
 // passes the descriptor, and --direct must still bypass the page cache.
+// Without direct, the default of Open applies.
 func FromFileDirect(f *os.File, name string, direct bool) (*Disk, error) {
+	return FromFileWith(f, name, Options{IO: ioFor(direct)})
+}
+
+// FromFileWith wraps an already open descriptor and sets or clears
+// O_DIRECT on it as o says (IOAuto: set on a block device, left as it is
+// on a regular file).
+func FromFileWith(f *os.File, name string, o Options) (*Disk, error) {
 	d, err := FromFile(f, name)
-	if err != nil || !direct {
-		return d, err
-	}
-	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
-	if err == nil {
-		_, err = unix.FcntlInt(f.Fd(), unix.F_SETFL, fl|unix.O_DIRECT)
-	}
 	if err != nil {
-		return nil, &DiskError{Path: name, Op: "set O_DIRECT", Err: err}
+		return nil, err
 	}
-	d.direct = true
+	d.opts = o
+	switch {
+	case o.wantsDirect(d.kind):
+		if err := d.setDirect(true); err != nil {
+			if !refusal(err) {
+				return nil, &DiskError{Path: name, Op: "set O_DIRECT", Err: err}
+			}
+			d.refused(err)
+			return d, nil
+		}
+		d.probeDirect()
+	case o.IO == IOBuffered && d.Direct():
+		if err := d.setDirect(false); err != nil {
+			return nil, &DiskError{Path: name, Op: "clear O_DIRECT", Err: err}
+		}
+	}
 	return d, nil
 }
 
-func open(path string, flag int, direct bool, perm os.FileMode) (*Disk, error) {
+func open(path string, flag int, o Options, perm os.FileMode) (*Disk, error) {
 	// Refuse what is not a disk before opening it: opening a FIFO would
 	// block, and opening a character device can have side effects.
+	kind := RegularFile
 	st, err := os.Stat(path)
 	switch {
 	case err == nil:
 		if m := st.Mode(); !m.IsRegular() && (m&os.ModeDevice == 0 || m&os.ModeCharDevice != 0) {
 			return nil, &DiskError{Path: path, Err: fmt.Errorf("%w (it is a %s)", ErrNotDisk, describeMode(m))}
+		} else if !m.IsRegular() {
+			kind = BlockDevice
 		}
 	case errors.Is(err, os.ErrNotExist) && flag&os.O_CREATE != 0:
 	default:
 		return nil, &DiskError{Path: path, Err: WithoutPath(err)}
 	}
-	if direct {
-		flag |= unix.O_DIRECT
+	direct := o.wantsDirect(kind)
+	var refusedErr error
+	f, err := openFile(path, flag|directFlag(direct)|unix.O_CLOEXEC, perm)
+	if err != nil && direct && refusal(err) {
+		// The file system has no direct I/O (ramfs, some FUSE file
+		// systems): the page cache it is.
+		refusedErr, direct = WithoutPath(err), false
+		f, err = openFile(path, flag|unix.O_CLOEXEC, perm)
 	}
-	f, err := os.OpenFile(path, flag|unix.O_CLOEXEC, perm)
 	if err != nil {
 		return nil, &DiskError{Path: path, Err: WithoutPath(err)}
 	}
-	d := &Disk{f: f, path: path, direct: direct}
+	d := &Disk{f: f, path: path, opts: o}
+	d.direct.Store(direct)
 	if err := d.stat(); err != nil {
 		f.Close()
 		return nil, err
+	}
+	if refusedErr != nil {
+		d.refused(refusedErr)
+	} else if direct {
+		d.probeDirect()
 	}
 	return d, nil
 }
@@ -168,7 +222,7 @@ func (d *Disk) stat() error {
 	m := st.Mode()
 	switch {
 	case m.IsRegular():
-		d.kind, d.size, d.sector = RegularFile, st.Size(), 512
+		d.kind, d.size, d.sector = RegularFile, st.Size(), fileDirectAlign(d.f)
 	case m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0:
 		d.kind = BlockDevice
 		size, err := unix.IoctlGetUint64(int(d.f.Fd()), unix.BLKGETSIZE64)
@@ -195,8 +249,14 @@ func (d *Disk) Kind() Kind { return d.kind }
 // Size is the disk's size in bytes when it was opened.
 func (d *Disk) Size() int64 { return d.size }
 
-// Direct reports whether the disk was opened with O_DIRECT.
-func (d *Disk) Direct() bool { return d.direct }
+// Direct reports whether the disk's I/O bypasses the page cache
+// (O_DIRECT). It turns false if the disk refuses direct I/O.
+func (d *Disk) Direct() bool { return d.direct.Load() }
+
+// SectorSize is the disk's logical block size: the alignment of offsets
+// and lengths of direct I/O (BLKSSZGET for a block device, the file
+// system's direct I/O alignment for a regular file).
+func (d *Disk) SectorSize() int64 { return d.sector }
 
 // File is the underlying descriptor, for zero-copy transfers.
 func (d *Disk) File() *os.File { return d.f }
@@ -245,11 +305,12 @@ const hugePage = 2 << 20
 // A disk that ends before off+len(p) although it was longer when opened is
 // reported as having shrunk.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if d.direct && (off%d.sector != 0 || uintptr(unsafe.Pointer(unsafe.SliceData(p)))%Alignment != 0) {
+	direct := d.Direct()
+	if direct && (off%d.sector != 0 || uintptr(unsafe.Pointer(unsafe.SliceData(p)))%Alignment != 0) {
 		return 0, &DiskError{Path: d.path, Op: "read", Err: fmt.Errorf("unaligned direct read at %d", off)}
 	}
 	want := len(p)
-	if d.direct && want%int(d.sector) != 0 {
+	if direct && want%int(d.sector) != 0 {
 		// O_DIRECT needs whole sectors: read the rounded-up length into
 		// the buffer's spare capacity when it has some, otherwise the
 		// last partial sector through a bounce buffer.
@@ -280,7 +341,10 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (d *Disk) readFull(p []byte, off int64) (int, error) {
-	n, err := d.f.ReadAt(p, off)
+	n, err := pread(d.f, p, off)
+	if err != nil && n == 0 && d.retryBuffered(err) {
+		n, err = pread(d.f, p, off)
+	}
 	if err != nil && err != io.EOF {
 		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("read at offset %d", off+int64(n)), Err: WithoutPath(err)}
 	}
@@ -292,7 +356,10 @@ func (d *Disk) readFull(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off. A short write is an error naming the offset.
 func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
-	n, err := d.f.WriteAt(p, off)
+	n, err := pwrite(d.f, p, off)
+	if err != nil && n == 0 && d.retryBuffered(err) {
+		n, err = pwrite(d.f, p, off)
+	}
 	if err != nil {
 		return n, &DiskError{Path: d.path, Op: fmt.Sprintf("write at offset %d", off+int64(n)), Err: WithoutPath(err)}
 	}

@@ -80,8 +80,8 @@ func (d *Disk) WriteZeros(off, n int64) error {
 	buf := AlignedBuffer(int(min(n+Alignment, zeroChunk)))
 	for n > 0 {
 		l := min(n, zeroChunk)
-		if d.direct && off%Alignment != 0 {
-			l = min(l, Alignment-off%Alignment)
+		if al := d.directAlign(); d.Direct() && off%al != 0 {
+			l = min(l, al-off%al)
 		}
 		if err := d.WriteAtAnyAlignment(buf[:l], off); err != nil {
 			return err
@@ -104,13 +104,14 @@ func (d *Disk) WriteAtAnyAlignment(p []byte, off int64) error {
 	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
 		return &DiskError{Path: d.path, Op: fmt.Sprintf("write %d bytes at offset %d", len(p), off), Err: fmt.Errorf("outside the disk (%d bytes)", d.size)}
 	}
-	if !d.direct {
+	if !d.Direct() {
 		return d.writeFull(p, off)
 	}
 	end := off + int64(len(p))
-	a := (off + Alignment - 1) &^ (Alignment - 1)
-	b := end &^ (Alignment - 1)
-	if a >= b || uintptr(unsafe.Pointer(unsafe.SliceData(p)))%Alignment != uintptr(off%Alignment) {
+	al := d.directAlign()
+	a := (off + al - 1) / al * al
+	b := end / al * al
+	if a >= b || uintptr(unsafe.Pointer(&p[a-off]))%Alignment != 0 {
 		return d.writeBuffered(p, off)
 	}
 	if a > off {
