@@ -264,6 +264,10 @@ else
 	skip "loop --direct ${MIB1G} MiB, 25 %, allocation map" 1.1 "$why"
 fi
 
+# xapi's own command lines on the loop devices (tests/bench/xapi-argv.sh).
+# shellcheck source=tests/bench/xapi-argv.sh
+source "$ROOT/tests/bench/xapi-argv.sh"
+
 # Import: only once serve imports qcow2 (probe with a tiny image).
 run "$BIN stream --source $RAND --destination file://$DIR/rand.qcow2"
 OUT=$DIR/out.raw
