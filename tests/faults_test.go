@@ -235,8 +235,10 @@ DEV=$(losetup --show -f "$MNT/backing" 2>"$OUT/losetup.err") || { echo refused >
 export DEV
 trap 'losetup -d "$DEV"' EXIT
 run loop-direct "$BIN" serve --source "$IMG" --destination "$DEV" --direct
-run loop-buffered "$BIN" serve --source "$IMG" --destination "$DEV"
+run loop-default "$BIN" serve --source "$IMG" --destination "$DEV"
+run loop-buffered "$BIN" serve --source "$IMG" --destination "$DEV" --buffered
 run loop-stream-decode sh -c 'exec "$BIN" stream_decode "$DEV" <"$IMG"'
+run loop-stream-decode-buffered sh -c 'exec "$BIN" stream_decode --buffered "$DEV" <"$IMG"'
 `
 	privateTmpfs(t, "4M", script, "IMG="+img, "OUT="+out)
 	read := func(name string) (int, string) {
@@ -259,13 +261,16 @@ run loop-stream-decode sh -c 'exec "$BIN" stream_decode "$DEV" <"$IMG"'
 		e, _ := os.ReadFile(filepath.Join(out, "losetup.err"))
 		t.Skipf("SKIP: losetup refused here (%s): %s", strings.TrimSpace(string(b)), e)
 	}
-	// With O_DIRECT the failing write reports the error: its offset is
-	// named. Through the page cache the sink's write-back checkpoints
-	// (sync_file_range) name the range the error happened in.
+	// With O_DIRECT (the default on a device) the failing write reports
+	// the error: its offset is named. Through the page cache (--buffered)
+	// the sink's write-back checkpoints (sync_file_range) name the range
+	// the error happened in.
 	for name, want := range map[string][]string{
-		"loop-direct":        {"offset"},
-		"loop-buffered":      {"offsets", "input/output error"},
-		"loop-stream-decode": {"offsets", "input/output error"},
+		"loop-direct":                 {"offset"},
+		"loop-default":                {"write at offset", "no space left"},
+		"loop-stream-decode":          {"write at offset", "no space left"},
+		"loop-buffered":               {"offsets", "input/output error"},
+		"loop-stream-decode-buffered": {"offsets", "input/output error"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			code, msg := read(name)
