@@ -99,6 +99,17 @@ func TestDirectByDefault(t *testing.T) {
 	file := filepath.Join(dir, "file.img")
 	sparseFile(t, file, size)
 	writeRandom(t, rand.New(rand.NewSource(12)), file, 0, size)
+	// A regular file on a tmpfs too, where $TMPDIR is a disk file system
+	// (and the other way round).
+	shm := file
+	if d, err := os.MkdirTemp("/dev/shm", "xqt-direct-"); err == nil {
+		t.Cleanup(func() { os.RemoveAll(d) })
+		shm = filepath.Join(d, "file.img")
+		sparseFile(t, shm, size)
+		writeRandom(t, rand.New(rand.NewSource(13)), shm, 0, size)
+	} else {
+		t.Logf("no /dev/shm here (%v): the tmpfs cases use %s", err, file)
+	}
 	x2s, qst := linkAs(t, "qcow2-to-stdout"), linkAs(t, "qcow-stream-tool")
 
 	for _, c := range []struct {
@@ -112,6 +123,7 @@ func TestDirectByDefault(t *testing.T) {
 		{"device --direct", dev, []string{"--direct"}, true},
 		{"file", file, nil, false},
 		{"file --direct", file, []string{"--direct"}, true},
+		{"file on tmpfs", shm, nil, false},
 	} {
 		check := func(t *testing.T, p *proc, path string) {
 			t.Helper()
