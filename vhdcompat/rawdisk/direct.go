@@ -122,6 +122,9 @@ func (d *Disk) retryBuffered(err error) bool {
 	if !d.Direct() || !refusal(err) {
 		return false
 	}
+	if fl, ferr := unix.FcntlInt(d.f.Fd(), unix.F_GETFL, 0); ferr != nil || fl&unix.O_DIRECT == 0 {
+		return false // a write through the page cache (writeBuffered) failed: not a refusal
+	}
 	return d.refuseDirect(err) == nil
 }
 
