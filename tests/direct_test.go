@@ -6,7 +6,6 @@ package tests
 // page cache when O_DIRECT is refused.
 
 import (
-	"encoding/json"
 	"fmt"
 	"math/rand"
 	"os"
@@ -18,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
 )
 
 // loopSector attaches a loop device with direct I/O and the given logical
@@ -89,7 +90,7 @@ func openFlags(t testing.TB, p *proc, path string) int {
 // opened with O_DIRECT unless --buffered, a regular file only with
 // --direct. Each run must still produce the right bytes.
 func TestDirectByDefault(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	const size = 8 << 20 // larger than the output pipe (1 MiB)
 	backing := filepath.Join(dir, "disk.img")
@@ -153,7 +154,7 @@ func TestDirectByDefault(t *testing.T) {
 				if code := p.wait(t, 30*time.Second); code != 0 {
 					t.Fatalf("exit %d: %s", code, p.stderr.String())
 				}
-				qemuCompare(t, img, c.disk)
+				qemutest.Compare(t, img, c.disk)
 			})
 		}
 		img := filepath.Join(dir, "src.qcow2")
@@ -189,7 +190,7 @@ func TestDirectByDefault(t *testing.T) {
 				if code := p.wait(t, 30*time.Second); code != 0 {
 					t.Fatalf("exit %d: %s", code, p.stderr.String())
 				}
-				qemuCompare(t, img, c.disk)
+				qemutest.Compare(t, img, c.disk)
 			})
 		}
 	}
@@ -228,7 +229,7 @@ func drainTo(t testing.TB, r *os.File, path string) {
 // into a device full of other data, whose zero ranges are zeroed with the
 // device's alignment.
 func Test4KSectors(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	// 8 MiB and three sectors: the last 64 KiB cluster is partial.
 	const size = 8<<20 + 3*4096
@@ -250,9 +251,9 @@ func Test4KSectors(t *testing.T) {
 			res := runWithFiles(t, x2s, nil, img, nil, srcDev, "-c", cs, "-v")
 			mustSucceed(t, res, "qcow2-to-stdout "+srcDev)
 			stayedDirect(t, string(res.Stderr))
-			qemuCheck(t, img)
-			qemuCompare(t, img, src)
-			qemuCompare(t, img, srcDev)
+			qemutest.Check(t, img)
+			qemutest.Compare(t, img, src)
+			qemutest.Compare(t, img, srcDev)
 		})
 	}
 
@@ -272,7 +273,7 @@ func Test4KSectors(t *testing.T) {
 		sameBytes(t, src, dstDev)
 		img := filepath.Join(t.TempDir(), "c512.qcow2")
 		mustSucceed(t, runWithFiles(t, x2s, nil, img, nil, srcDev, "-c", "512"), "qcow2-to-stdout -c 512")
-		qemuCompare(t, img, dstDev)
+		qemutest.Compare(t, img, dstDev)
 	})
 
 	t.Run("import/serve over other data", func(t *testing.T) {
@@ -281,7 +282,7 @@ func Test4KSectors(t *testing.T) {
 		// that held other data, in whole 4096-byte sectors around the
 		// unaligned edges.
 		img := filepath.Join(t.TempDir(), "qemu.qcow2")
-		qemu(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src, img)
+		qemutest.Img(t, "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src, img)
 		dst := filepath.Join(t.TempDir(), "dst.img")
 		sparseFile(t, dst, size)
 		writeRandom(t, rand.New(rand.NewSource(9)), dst, 0, size)
@@ -293,7 +294,7 @@ func Test4KSectors(t *testing.T) {
 		res := runWithFiles(t, bin, data, "", nil, "serve", "-v", "--source", "stdin:", "--destination", dstDev)
 		mustSucceed(t, res, "serve into "+dstDev)
 		stayedDirect(t, string(res.Stderr))
-		qemuCompare(t, img, dstDev)
+		qemutest.Compare(t, img, dstDev)
 		// And stream_decode of qemu-img's file (random access: stdin is
 		// the file), onto other data again: only what it allocates is
 		// written, so the device must read as the image over that data.
@@ -302,7 +303,7 @@ func Test4KSectors(t *testing.T) {
 		copyFile(t, dst, expected)
 		// What the image stores (data and zero flags) replaces what was
 		// there; what it leaves unallocated stays.
-		for _, e := range qemuExtents(t, img) {
+		for _, e := range qemutest.Map(t, img) {
 			switch {
 			case e.Data:
 				overlay(t, src, expected, e.Start, e.Length)
@@ -336,23 +337,6 @@ func stayedDirect(t testing.TB, log string) {
 	}
 }
 
-// qemuExtents is qemu-img map --output=json with the present flag: a
-// zero-flag cluster is present, an unallocated one is not.
-func qemuExtents(t testing.TB, img string) []struct {
-	Start, Length int64
-	Data, Present bool
-} {
-	t.Helper()
-	var m []struct {
-		Start, Length int64
-		Data, Present bool
-	}
-	if err := json.Unmarshal(qemu(t, "qemu-img", "map", "--output=json", img), &m); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
 // overlay copies n bytes at off of from into to, at the same offset.
 func overlay(t testing.TB, from, to string, off, n int64) {
 	t.Helper()
@@ -374,7 +358,7 @@ func overlay(t testing.TB, from, to string, off, n int64) {
 // must carry on through the page cache, say so once on stderr with -v,
 // and produce the right bytes.
 func TestDirectRefused(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	needUnshare(t)
 	if os.Geteuid() != 0 {
 		t.Skip("SKIP: mounting a ramfs needs root")
@@ -413,7 +397,7 @@ cmp "$SRC" "$MNT/dst.img"
 		logi, _ := os.ReadFile(filepath.Join(dir, "import.err"))
 		t.Fatalf("%v: %s\nexport stderr:\n%s\nimport stderr:\n%s", err, out, logs, logi)
 	}
-	qemuCompare(t, filepath.Join(dir, "out.qcow2"), src)
+	qemutest.Compare(t, filepath.Join(dir, "out.qcow2"), src)
 	for _, f := range []string{"export.err", "import.err"} {
 		b, err := os.ReadFile(filepath.Join(dir, f))
 		if err != nil {
@@ -429,4 +413,65 @@ cmp "$SRC" "$MNT/dst.img"
 			t.Errorf("%s: the run does not log that it went through the page cache:\n%s", f, b)
 		}
 	}
+}
+
+// TestSupportOnDevices runs the support commands on 4096-byte-sector
+// devices, which they read with O_DIRECT: a qcow2 image written onto one
+// (info, map and check must say what they say of the file; their reads of
+// headers and tables are not sector-aligned), and compare of an image
+// against a raw device.
+func TestSupportOnDevices(t *testing.T) {
+	qemutest.Need(t)
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "raw.img")
+	sparseFile(t, raw, 4<<20)
+	writeRandom(t, rand.New(rand.NewSource(21)), raw, 70000, 300000)
+	img := filepath.Join(dir, "img.qcow2")
+	exportToFile(t, img, "stream", "--source", raw, "--cluster-size", "4096")
+	// The device holding the image is a little larger than it, as an LV.
+	onDev := filepath.Join(dir, "qcow2-on-device")
+	copyFile(t, img, onDev)
+	if err := os.Truncate(onDev, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	qdev := loopSector(t, onDev, 4096)
+	rdev := loopSector(t, raw, 4096)
+	for _, cmd := range []string{"info", "map", "check"} {
+		want := mustRun(t, nil, cmd, "--output=json", img)
+		got := mustRun(t, nil, cmd, "--output=json", qdev)
+		norm := func(b []byte, name string) string { return strings.ReplaceAll(string(b), name, "IMG") }
+		if cmd == "info" || cmd == "check" {
+			// The file's size differs (the device is padded): compare what
+			// describes the image.
+			for _, key := range []string{`"virtual-size"`, `"cluster-size"`, `"check-errors"`, `"corruptions"`, `"leaks"`} {
+				if w, g := field(string(want), key), field(string(got), key); w != g {
+					t.Errorf("%s %s: %s is %q on the device, %q on the file", cmd, qdev, key, g, w)
+				}
+			}
+			continue
+		}
+		if norm(want, img) != norm(got, qdev) {
+			t.Errorf("%s on the device differs from the file:\n%s\n%s", cmd, got, want)
+		}
+	}
+	if r := runTool(t, nil, "compare", img, rdev); r.Code != 0 {
+		t.Fatalf("compare %s %s: exit %d: %s%s", img, rdev, r.Code, r.Stdout, r.Stderr)
+	}
+	if r := runTool(t, nil, "compare", qdev, raw); r.Code != 0 {
+		t.Fatalf("compare %s %s: exit %d: %s%s", qdev, raw, r.Code, r.Stdout, r.Stderr)
+	}
+	writeRandom(t, rand.New(rand.NewSource(22)), raw, 4<<20-512, 1)
+	if r := runTool(t, nil, "compare", img, rdev); r.Code != 1 {
+		t.Fatalf("compare after a change: exit %d, want 1: %s", r.Code, r.Stdout)
+	}
+}
+
+// field returns the text after `key:` on its line of JSON output.
+func field(text, key string) string {
+	for _, line := range strings.Split(text, "\n") {
+		if i := strings.Index(line, key+":"); i >= 0 {
+			return strings.TrimSpace(line[i+len(key)+1:])
+		}
+	}
+	return ""
 }
