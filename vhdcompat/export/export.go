@@ -266,13 +266,18 @@ func readOnlyZeros(n int) []byte {
 const ringDepth = 4
 
 // readersFor is how many reads a pass keeps in flight. Under O_DIRECT every
-// read waits for the device, and two requests in flight keep it busier
-// than one (more made no difference on two cores). From the page cache a
-// read is a copy on our core: a second reader helps only when the consumer
-// has a copy of its own to make (a diff compares two windows). The
-// figures are in docs/PERFORMANCE.md.
+// read waits for the device: as many requests as the ring has windows keep
+// it busy while the consumer compares, which is what makes the allocation
+// pass (the export's time to first byte: the whole device is read before
+// the header) as short as the device allows; the ring, not the readers,
+// bounds the memory. From the page cache a read is a copy on our core: a
+// second reader helps only when the consumer has a copy of its own to make
+// (a diff compares two windows). Measurements in docs/PERFORMANCE.md.
 func (e *exporter) readersFor(width int) int {
-	if e.opt.Source.Direct() || width == 2 {
+	switch {
+	case e.opt.Source.Direct():
+		return ringDepth
+	case width == 2:
 		return 2
 	}
 	return 1
