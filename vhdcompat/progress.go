@@ -104,9 +104,16 @@ func (r *Reporter) drawBar(pct int) {
 	}
 	const width = 30
 	fill := pct * width / 100
-	fmt.Fprintf(r.bar, "\r[%s%s] %3d%% %s/%s %s/s, %s left ", strings.Repeat("#", fill), strings.Repeat(".", width-fill),
-		pct, human(r.done), human(r.total), human(uint64(rate)), left)
+	// The line is redrawn in place: clear what is left of it after the
+	// text (erase to end of line), since a redraw can be shorter than the
+	// one before ("1m2s left" then "0s left").
+	fmt.Fprintf(r.bar, "\r[%s%s] %3d%% %s/%s %s/s, %s left%s", strings.Repeat("#", fill), strings.Repeat(".", width-fill),
+		pct, human(r.done), human(r.total), human(uint64(rate)), left, eraseToEOL)
 }
+
+// eraseToEOL is the ANSI/VT100 sequence "erase in line" (EL, cursor to
+// end): every terminal a dom0 console or ssh session offers supports it.
+const eraseToEOL = "\x1b[K"
 
 // Finish prints the final 100 on success and ends the bar's line.
 func (r *Reporter) Finish(ok bool) {
