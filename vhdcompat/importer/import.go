@@ -119,8 +119,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		return fail(fmt.Errorf("virtual size %d is too large", hdr.Size))
 	}
 	vsize := int64(hdr.Size)
-	if opt.DestinationSize > 0 && vsize > opt.DestinationSize {
-		return fail(&SizeError{Destination: opt.DestinationName, VirtualSize: vsize, Size: opt.DestinationSize, Why: ", from --destination-size"})
+	// end is where writing stops: the virtual size, or the end of a
+	// destination that the image overshoots by less than a cluster.
+	end, err := fitEnd(vsize, 1<<hdr.ClusterBits, opt.DestinationSize, opt.DestinationName, ", from --destination-size")
+	if err != nil {
+		return fail(err)
 	}
 
 	disk, err := openDestination(opt)
@@ -131,14 +134,21 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	knownZeroFrom := vsize
 	switch {
 	case disk.Kind() == rawdisk.BlockDevice:
-		if vsize > disk.Size() {
-			return fail(&SizeError{Destination: opt.DestinationName, VirtualSize: vsize, Size: disk.Size(), Why: ", a block device"})
+		devEnd, err := fitEnd(vsize, 1<<hdr.ClusterBits, disk.Size(), opt.DestinationName, ", a block device")
+		if err != nil {
+			return fail(err)
 		}
-	case disk.Size() < vsize:
-		// A regular file grows to the virtual size; the new part reads
-		// as zeros without being written.
+		end = min(end, devEnd)
+	case disk.Size() < end && opt.DestinationSize == 0 && disk.Size() > 0 && vsize-disk.Size() < 1<<hdr.ClusterBits:
+		// A file that already has a size, short of the image by less than
+		// a cluster, is an unaligned disk like a block device: it keeps
+		// its size.
+		end = disk.Size()
+	case disk.Size() < end:
+		// A regular file grows (to the declared size, else the virtual
+		// size); the new part reads as zeros without being written.
 		knownZeroFrom = disk.Size()
-		if err := disk.Truncate(vsize); err != nil {
+		if err := disk.Truncate(end); err != nil {
 			return fail(err)
 		}
 	}
@@ -148,11 +158,14 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 
 	attrs := []any{"source", opt.SourceName, "destination", opt.DestinationName, "virtual_size", vsize,
 		"delta", opt.Delta, "prezeroed", opt.Prezeroed, "direct", disk.Direct()}
+	if end < vsize {
+		attrs = append(attrs, "destination_end", end)
+	}
 	log.Info("import started", attrs...)
 
 	target := newAsyncTarget(disk)
 	defer target.Close()
-	sink = NewSink(target, SinkOptions{Size: vsize, Delta: opt.Delta, KnownZeroFrom: knownZeroFrom})
+	sink = NewSink(target, SinkOptions{Size: vsize, End: end, Delta: opt.Delta, KnownZeroFrom: min(knownZeroFrom, end)})
 	var done uint64
 	for {
 		if err := ctx.Err(); err != nil {
@@ -166,6 +179,10 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			return fail(err)
 		}
 		if err := apply(sink, ext); err != nil {
+			var te *TailError
+			if errors.As(err, &te) {
+				return fail(keepWritten(sink, disk, te))
+			}
 			return fail(err)
 		}
 		done += ext.Length
@@ -186,6 +203,34 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	log.Info("import finished", append(attrs, "bytes_written", res.Stats.Written, "bytes_zeroed", res.Stats.Zeroed,
 		"elapsed_ms", res.Elapsed.Milliseconds())...)
 	return res, nil
+}
+
+// fitEnd returns where an image of vsize bytes (clusters of cs bytes) is
+// written on a destination of size bytes (0: no limit): the virtual size
+// when it fits; the destination's size when the image is larger by less
+// than a cluster (an unaligned disk whose image was rounded up: the bytes
+// past the end must then read as zeros); else a *SizeError, before any
+// write.
+func fitEnd(vsize, cs, size int64, dest, why string) (int64, error) {
+	switch {
+	case size <= 0 || vsize <= size:
+		return vsize, nil
+	case vsize-size < cs:
+		return size, nil
+	}
+	return 0, &SizeError{Destination: dest, VirtualSize: vsize, Size: size, Why: why}
+}
+
+// keepWritten makes what the stream carried before non-zero data past the
+// destination's end reach the destination, and says so.
+func keepWritten(s *Sink, disk *rawdisk.Disk, te *TailError) error {
+	if err := s.Finish(); err != nil {
+		return err
+	}
+	if err := disk.Sync(); err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: what the stream carried before it was written, nothing after", te)
 }
 
 func apply(s *Sink, e qcow.Extent) error {

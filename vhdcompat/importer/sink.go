@@ -8,6 +8,7 @@ package importer
 import (
 	"bytes"
 	"fmt"
+	"slices"
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
@@ -53,9 +54,14 @@ const (
 // SinkOptions say what the destination already holds and what to do with
 // clusters the image does not allocate.
 type SinkOptions struct {
-	// Size bounds every write: [0, Size) (the image's virtual size, which
-	// the caller checked fits the destination).
+	// Size bounds every extent: [0, Size) (the image's virtual size).
 	Size int64
+	// End, when non-zero and below Size, is where the destination ends:
+	// an image whose virtual size was rounded up past an unaligned disk
+	// (Xen Orchestra rounds to 64 KiB). Nothing is written at or past End;
+	// data there must be all zeros (a *TailError otherwise), zero and
+	// unallocated ranges there are dropped.
+	End int64
 	// Delta leaves what the image does not allocate untouched (applying a
 	// diff on top of a copy of its base). Zero-flag clusters are still
 	// zeroed.
@@ -130,6 +136,9 @@ func NewSink(t Target, opt SinkOptions) *Sink {
 	if opt.KnownZeroFrom < 0 {
 		opt.KnownZeroFrom = 0
 	}
+	if opt.End <= 0 || opt.End > opt.Size {
+		opt.End = opt.Size
+	}
 	s := &Sink{t: t, opt: opt, pend: -1, end: -1}
 	if a, ok := t.(*asyncTarget); ok {
 		// Buffers handed to the target are in use until written: keep a
@@ -200,6 +209,36 @@ func (s *Sink) check(off, n int64) error {
 
 func (s *Sink) knownZero(off int64) bool { return off >= s.opt.KnownZeroFrom }
 
+// TailError is non-zero data past the destination's end, in an image
+// whose virtual size exceeds the destination by less than a cluster.
+type TailError struct {
+	Off int64 // guest offset of the first non-zero byte past the end
+	End int64 // the destination's size
+}
+
+func (e *TailError) Error() string {
+	return fmt.Sprintf("non-zero data at guest offset %d, past the end of the destination (%d bytes; the image is larger by less than a cluster, which is accepted only while what lies past the end reads as zeros)", e.Off, e.End)
+}
+
+// clip returns how much of [off, off+n) lies before the destination's end
+// (the caller checked the range is inside the image).
+func (s *Sink) clip(off, n int64) int64 {
+	if off >= s.opt.End {
+		return 0
+	}
+	return min(n, s.opt.End-off)
+}
+
+// checkTail accepts data past the destination's end (tail, at off) only
+// when it is all zeros.
+func (s *Sink) checkTail(off int64, tail []byte) error {
+	if i := slices.IndexFunc(tail, func(b byte) bool { return b != 0 }); i >= 0 {
+		return &TailError{Off: off + int64(i), End: s.opt.End}
+	}
+	s.Stats.Skipped += int64(len(tail))
+	return nil
+}
+
 // Lend lends the memory of the pending write that the n bytes of the
 // disk at off would be copied into (or the first bytes of them: fewer
 // when the write is nearly full): a caller that fills it and passes that
@@ -207,10 +246,10 @@ func (s *Sink) knownZero(off int64) bool { return off >= s.opt.KnownZeroFrom }
 // takes the lent memory back. Nil when off is outside the disk.
 func (s *Sink) Lend(off int64, n int) []byte {
 	s.settle()
-	if n <= 0 || s.check(off, 0) != nil || off >= s.opt.Size {
+	if n <= 0 || s.check(off, 0) != nil || off >= s.opt.End {
 		return nil
 	}
-	dst, err := s.room(off, min(int64(n), s.opt.Size-off))
+	dst, err := s.room(off, min(int64(n), s.opt.End-off))
 	if err != nil {
 		return nil // the error is the target's: its next write reports it
 	}
@@ -240,6 +279,11 @@ func (s *Sink) Data(off int64, p []byte) error {
 	if err := s.check(off, int64(len(p))); err != nil {
 		return err
 	}
+	// Past the destination's end: the bytes before it are written first,
+	// so that an error there leaves everything before it in place.
+	keep := s.clip(off, int64(len(p)))
+	tail, tailOff := p[keep:], off+keep
+	p = p[:keep]
 	for len(p) > 0 {
 		dst, err := s.room(off, int64(len(p)))
 		if err != nil {
@@ -249,7 +293,7 @@ func (s *Sink) Data(off int64, p []byte) error {
 		off += int64(n)
 		p = p[n:]
 	}
-	return nil
+	return s.checkTail(tailOff, tail)
 }
 
 // Zero makes [off, off+n) read as zeros (a zero-flag cluster).
@@ -258,7 +302,7 @@ func (s *Sink) Zero(off, n int64) error {
 	if err := s.check(off, n); err != nil {
 		return err
 	}
-	return s.zero(off, n)
+	return s.zero(off, s.clip(off, n), n)
 }
 
 // Unallocated handles [off, off+n) that the image does not allocate:
@@ -272,10 +316,13 @@ func (s *Sink) Unallocated(off, n int64) error {
 		s.Stats.Skipped += n
 		return nil
 	}
-	return s.zero(off, n)
+	return s.zero(off, s.clip(off, n), n)
 }
 
-func (s *Sink) zero(off, n int64) error {
+// zero zeroes the n bytes at off of the whole bytes asked for, the part of
+// them before the destination's end.
+func (s *Sink) zero(off, n, whole int64) error {
+	s.Stats.Skipped += whole - n
 	if n == 0 {
 		return nil
 	}
