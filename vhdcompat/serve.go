@@ -17,7 +17,7 @@ type ServeCmd struct {
 	Destination       string `help:"Raw disk to write: file://PATH or a path (a regular file, created if missing, or a block device)." placeholder:"URI"`
 	DestinationFD     *int   `name:"destination-fd" help:"Write to the raw disk open on this descriptor." placeholder:"N"`
 	DestinationFormat string `default:"raw" help:"Format of the destination (raw)."`
-	DestinationSize   int64  `name:"destination-size" help:"Size of the destination in bytes: a larger image is refused before any write." placeholder:"BYTES"`
+	DestinationSize   int64  `name:"destination-size" help:"Size of the destination in bytes: an image larger by a cluster or more is refused before any write; larger by less (an unaligned disk whose image was rounded up) is written up to this size, if the excess reads as zeros." placeholder:"BYTES"`
 	Prezeroed         bool   `help:"The destination already reads as zeros: zeros are not written."`
 	Delta             bool   `help:"Apply a diff: leave clusters the image does not allocate untouched (zero clusters are still zeroed); a backing file is accepted."`
 	MaxBuffer         int64  `name:"max-buffer" help:"Bytes of stream data that may be held in memory before the tables say where they go (0: the decoder's default, 256 MiB)." placeholder:"BYTES"`

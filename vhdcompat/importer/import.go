@@ -230,7 +230,7 @@ func keepWritten(s *Sink, disk *rawdisk.Disk, te *TailError) error {
 	if err := disk.Sync(); err != nil {
 		return err
 	}
-	return fmt.Errorf("%w: what the stream carried before it was written, nothing after", te)
+	return fmt.Errorf("%w: the stream's data before it was written, nothing after", te)
 }
 
 func apply(s *Sink, e qcow.Extent) error {

@@ -217,7 +217,7 @@ type TailError struct {
 }
 
 func (e *TailError) Error() string {
-	return fmt.Sprintf("non-zero data at guest offset %d, past the end of the destination (%d bytes; the image is larger by less than a cluster, which is accepted only while what lies past the end reads as zeros)", e.Off, e.End)
+	return fmt.Sprintf("non-zero data at guest offset %d, past the destination's end (%d bytes; an image larger by less than a cluster imports only while the excess reads as zeros)", e.Off, e.End)
 }
 
 // clip returns how much of [off, off+n) lies before the destination's end

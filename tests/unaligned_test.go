@@ -1,0 +1,142 @@
+package tests
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// Unaligned VDIs (Xen Orchestra issue #9411): XO rounds an image's virtual
+// size up to 64 KiB, the VDI it imports into is not rounded. An image that
+// is larger than its destination by less than a cluster imports when what
+// lies past the destination's end reads as zeros; the destination is then
+// written exactly up to its end.
+
+const (
+	unalignedDisk = 8<<20 + 4096 // the VDI
+	unalignedCS   = 64 << 10
+)
+
+// unalignedImage exports a raw disk of size bytes, random up to the VDI's
+// size and zero after it, with poke (when >= 0) set to 1: the image's
+// virtual size is size.
+func unalignedImage(t *testing.T, dir, name string, size, poke int64) (img string, raw []byte) {
+	t.Helper()
+	src := filepath.Join(dir, name+".raw")
+	sparseFile(t, src, size)
+	writeRandom(t, newRand(size+poke), src, 0, unalignedDisk)
+	if poke >= 0 {
+		f, err := os.OpenFile(src, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteAt([]byte{1}, poke)
+		f.Close()
+	}
+	raw, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img = filepath.Join(dir, name+".qcow2")
+	exportToFile(t, img, "stream", "--source", src)
+	return img, raw
+}
+
+// unalignedDest is a destination of the VDI's size, filled with 0xAA: a
+// regular file or a loop device over one.
+type unalignedDest struct {
+	name string
+	make func(t *testing.T) (dest, back string)
+}
+
+var unalignedDests = []unalignedDest{
+	{"file", func(t *testing.T) (string, string) {
+		p := filepath.Join(t.TempDir(), "vdi.img")
+		fill(t, p, unalignedDisk, 0xAA)
+		return p, p
+	}},
+	{"loop", func(t *testing.T) (string, string) {
+		p := filepath.Join(t.TempDir(), "vdi.img")
+		fill(t, p, unalignedDisk, 0xAA)
+		return loopDevice(t, p, false), p
+	}},
+}
+
+// unalignedCommands import img into dest, through a pipe or from the file.
+var unalignedCommands = []struct {
+	name string
+	run  func(t *testing.T, img, dest string) result
+}{
+	{"stream_decode", func(t *testing.T, img, dest string) result { return runPiped(t, img, nil, "stream_decode", dest) }},
+	{"serve-pipe", func(t *testing.T, img, dest string) result {
+		return runPiped(t, img, nil, "serve", "--destination", "file://"+dest)
+	}},
+	{"serve-file-direct", func(t *testing.T, img, dest string) result {
+		return runTool(t, nil, "serve", "--source", img, "--destination", dest, "--direct")
+	}},
+}
+
+func TestImportUnalignedDestination(t *testing.T) {
+	dir := t.TempDir()
+	zeroTail, raw := unalignedImage(t, dir, "zero-tail", unalignedDisk+60<<10, -1)
+	dirty, dirtyRaw := unalignedImage(t, dir, "dirty-tail", unalignedDisk+60<<10, unalignedDisk+100)
+	tooBig, tooBigRaw := unalignedImage(t, dir, "too-big", unalignedDisk+unalignedCS, -1)
+	for _, d := range unalignedDests {
+		for _, c := range unalignedCommands {
+			t.Run(d.name+"/"+c.name, func(t *testing.T) {
+				dest, back := d.make(t)
+				mustSucceed(t, c.run(t, zeroTail, dest), "import")
+				checkVDI(t, back, raw[:unalignedDisk], "zero tail")
+
+				dest, back = d.make(t)
+				r := c.run(t, dirty, dest)
+				checkOneLineError(t, r, fmt.Sprintf("guest offset %d", unalignedDisk+100))
+				checkOneLineError(t, r, "before it was written")
+				checkVDI(t, back, dirtyRaw[:unalignedDisk], "non-zero tail: what came before")
+
+				// A cluster or more too big: a device is refused before any
+				// write; a file grows to the image's size, as it always did.
+				dest, back = d.make(t)
+				r = c.run(t, tooBig, dest)
+				if d.name == "file" {
+					mustSucceed(t, r, "a cluster too big, into a file")
+					checkVDI(t, back, tooBigRaw, "a cluster too big, into a file")
+					return
+				}
+				checkOneLineError(t, r, "nothing was written")
+				checkVDI(t, back, bytes.Repeat([]byte{0xAA}, unalignedDisk), "a cluster too big")
+			})
+		}
+	}
+	// serve --destination-size: a new file is made the declared size.
+	t.Run("serve-destination-size", func(t *testing.T) {
+		dest := filepath.Join(t.TempDir(), "new.img")
+		mustSucceed(t, runPiped(t, zeroTail, nil, "serve", "--destination", dest,
+			"--destination-size", fmt.Sprint(unalignedDisk)), "import")
+		checkVDI(t, dest, raw[:unalignedDisk], "declared size")
+		r := runPiped(t, tooBig, nil, "serve", "--destination", filepath.Join(t.TempDir(), "x.img"),
+			"--destination-size", fmt.Sprint(unalignedDisk))
+		checkOneLineError(t, r, "nothing was written")
+	})
+}
+
+// checkVDI asserts the file behind a destination holds exactly want.
+func checkVDI(t *testing.T, path string, want []byte, what string) {
+	t.Helper()
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%s: the destination is %d bytes, want %d", what, len(got), len(want))
+	}
+	if !bytes.Equal(got, want) {
+		n := 0
+		for got[n] == want[n] {
+			n++
+		}
+		t.Fatalf("%s: the destination differs from offset %d", what, n)
+	}
+}
