@@ -15,7 +15,7 @@ import (
 // written exactly up to its end.
 
 const (
-	unalignedDisk = 8<<20 + 4096 // the VDI
+	unalignedDisk = 8<<20 + 3584 // the VDI: a multiple of 512 (a loop device), not of 4096
 	unalignedCS   = 64 << 10
 )
 
@@ -61,6 +61,11 @@ var unalignedDests = []unalignedDest{
 		p := filepath.Join(t.TempDir(), "vdi.img")
 		fill(t, p, unalignedDisk, 0xAA)
 		return loopDevice(t, p, false), p
+	}},
+	{"loop-direct-io", func(t *testing.T) (string, string) {
+		p := filepath.Join(t.TempDir(), "vdi.img")
+		fill(t, p, unalignedDisk, 0xAA)
+		return loopDevice(t, p, true), p
 	}},
 }
 
