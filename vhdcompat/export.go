@@ -170,6 +170,9 @@ func (r *openedExport) run(env *Env) error {
 	})
 	if err != nil {
 		var oe *export.OutputError
+		if errors.As(err, &oe) && clientHungUp(oe.Err) {
+			return &ClientGoneError{Source: r.Source.Path(), Out: r.OutName, Err: oe.Err}
+		}
 		if errors.As(err, &oe) {
 			return fmt.Errorf("export of %s: writing to %s: %w", r.Source.Path(), r.OutName, oe.Err)
 		}

@@ -117,12 +117,26 @@ func fieldName(key string) string {
 	return s
 }
 
+// LevelNotice is syslog's notice (journal priority 5) for slog: normal but
+// significant, such as a client that hung up on an export.
+const LevelNotice = slog.LevelInfo + 2
+
+// levelNames prints LevelNotice as NOTICE in the verbose stderr log.
+func levelNames(_ []string, a slog.Attr) slog.Attr {
+	if a.Key == slog.LevelKey && a.Value.Any() == LevelNotice {
+		a.Value = slog.StringValue("NOTICE")
+	}
+	return a
+}
+
 func priority(l slog.Level) journal.Priority {
 	switch {
 	case l >= slog.LevelError:
 		return journal.PriErr
 	case l >= slog.LevelWarn:
 		return journal.PriWarning
+	case l >= LevelNotice:
+		return journal.PriNotice
 	case l >= slog.LevelInfo:
 		return journal.PriInfo
 	}

@@ -187,7 +187,8 @@ func usageText(err error) error {
 }
 
 // fail prints the one line xapi shows the API client, logs it at error
-// priority, and returns code.
+// priority — or notice when the client hung up on an export, its own
+// choice and no fault of the storage — and returns code.
 func fail(env *vhdcompat.Env, err error, code int) int {
 	msg := OneLine(err.Error())
 	if exiting.Load() {
@@ -195,7 +196,12 @@ func fail(env *vhdcompat.Env, err error, code int) int {
 	}
 	fmt.Fprintf(env.Stderr, "%s: %s\n", Name, msg)
 	if env.Log != nil {
-		env.Log.Error(msg, "exit_status", code)
+		level := slog.LevelError
+		var gone *vhdcompat.ClientGoneError
+		if errors.As(err, &gone) {
+			level = LevelNotice
+		}
+		env.Log.Log(context.Background(), level, msg, "exit_status", code)
 	}
 	return code
 }
@@ -214,7 +220,7 @@ func newLogger(env *vhdcompat.Env, args []string) (*slog.Logger, func()) {
 	}
 	for _, a := range args {
 		if a == "-v" || a == "--verbose" || a == "--debug" {
-			handlers = append(handlers, slog.NewTextHandler(stderrNoErrors{env.Stderr}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			handlers = append(handlers, slog.NewTextHandler(stderrNoErrors{env.Stderr}, &slog.HandlerOptions{Level: slog.LevelDebug, ReplaceAttr: levelNames}))
 			break
 		}
 	}
@@ -224,12 +230,13 @@ func newLogger(env *vhdcompat.Env, args []string) (*slog.Logger, func()) {
 	return slog.New(slog.NewMultiHandler(handlers...)), func() {}
 }
 
-// stderrNoErrors drops error records from the verbose stderr log: fail
-// already printed the error line, and xapi reads stderr as the message.
+// stderrNoErrors drops fail's records (error, and notice for a client
+// that hung up) from the verbose stderr log: fail already printed the
+// line, and xapi reads stderr as the message.
 type stderrNoErrors struct{ w io.Writer }
 
 func (s stderrNoErrors) Write(p []byte) (int, error) {
-	if strings.Contains(string(p), "level=ERROR") {
+	if strings.Contains(string(p), "level=ERROR") || strings.Contains(string(p), "level=NOTICE") {
 		return len(p), nil
 	}
 	return s.w.Write(p)
