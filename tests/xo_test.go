@@ -21,7 +21,7 @@ import (
 )
 
 // xoHarness returns the node binary and the harness script, or skips,
-// visibly, when node (>= 20.17, the package's engines) or the installed
+// visibly, when node (>= 20.18, the packages' engines) or the installed
 // packages are missing (`npm ci` in tests/xo; .ci/deps runs it).
 func xoHarness(t *testing.T) (node, script string) {
 	t.Helper()
@@ -35,8 +35,8 @@ func xoHarness(t *testing.T) (node, script string) {
 	}
 	var major, minor int
 	fmt.Sscanf(strings.TrimSpace(string(out)), "%d.%d", &major, &minor)
-	if major < 20 || major == 20 && minor < 17 {
-		t.Skipf("SKIP: node %s is older than @xen-orchestra/qcow2 needs (20.17)", strings.TrimSpace(string(out)))
+	if major < 20 || major == 20 && minor < 18 {
+		t.Skipf("SKIP: node %s is older than Xen Orchestra's packages need (20.18)", strings.TrimSpace(string(out)))
 	}
 	dir, err := filepath.Abs("xo")
 	if err != nil {
