@@ -139,14 +139,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			return fail(err)
 		}
 		end = min(end, devEnd)
-	case disk.Size() < end && opt.DestinationSize == 0 && disk.Size() > 0 && vsize-disk.Size() < 1<<hdr.ClusterBits:
-		// A file that already has a size, short of the image by less than
-		// a cluster, is an unaligned disk like a block device: it keeps
-		// its size.
-		end = disk.Size()
 	case disk.Size() < end:
 		// A regular file grows (to the declared size, else the virtual
-		// size); the new part reads as zeros without being written.
+		// size: a file has no size of its own to keep, and a diff applied
+		// onto a copy of a shorter base must grow it); the new part reads
+		// as zeros without being written.
 		knownZeroFrom = disk.Size()
 		if err := disk.Truncate(end); err != nil {
 			return fail(err)
