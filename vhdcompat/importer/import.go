@@ -55,7 +55,8 @@ type Result struct {
 	Elapsed     time.Duration
 }
 
-// SizeError refuses an image that does not fit its destination.
+// SizeError refuses an image that does not fit its destination: larger by
+// a cluster or more (less is an unaligned disk, see fitEnd).
 type SizeError struct {
 	Destination string
 	VirtualSize int64
@@ -64,7 +65,7 @@ type SizeError struct {
 }
 
 func (e *SizeError) Error() string {
-	return fmt.Sprintf("the image's virtual size (%d bytes) is larger than %s (%d bytes%s): nothing was written",
+	return fmt.Sprintf("the image's virtual size (%d bytes) is larger than %s (%d bytes%s) by a cluster or more: nothing was written",
 		e.VirtualSize, e.Destination, e.Size, e.Why)
 }
 
@@ -121,9 +122,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	vsize := int64(hdr.Size)
 	// end is where writing stops: the virtual size, or the end of a
 	// destination that the image overshoots by less than a cluster.
-	end, err := fitEnd(vsize, 1<<hdr.ClusterBits, opt.DestinationSize, opt.DestinationName, ", from --destination-size")
-	if err != nil {
-		return fail(err)
+	end := vsize
+	if opt.DestinationSize > 0 {
+		if end, err = fitEnd(vsize, 1<<hdr.ClusterBits, opt.DestinationSize, opt.DestinationName, ", from --destination-size"); err != nil {
+			return fail(err)
+		}
 	}
 
 	disk, err := openDestination(opt)
@@ -203,14 +206,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 }
 
 // fitEnd returns where an image of vsize bytes (clusters of cs bytes) is
-// written on a destination of size bytes (0: no limit): the virtual size
-// when it fits; the destination's size when the image is larger by less
+// written on a destination of size bytes: the virtual size when it fits; the destination's size when the image is larger by less
 // than a cluster (an unaligned disk whose image was rounded up: the bytes
 // past the end must then read as zeros); else a *SizeError, before any
 // write.
 func fitEnd(vsize, cs, size int64, dest, why string) (int64, error) {
 	switch {
-	case size <= 0 || vsize <= size:
+	case vsize <= size:
 		return vsize, nil
 	case vsize-size < cs:
 		return size, nil

@@ -98,3 +98,25 @@ func TestSinkTailNonZero(t *testing.T) {
 		t.Fatalf("got %v, want a TailError at %d", err, end+514)
 	}
 }
+
+// TestFitEnd: where an image is written on a destination of a given size.
+func TestFitEnd(t *testing.T) {
+	const cs = 64 << 10
+	for _, tc := range []struct {
+		vsize, size, end int64
+		refused          bool
+	}{
+		{100 << 20, 200 << 20, 100 << 20, false},              // fits
+		{100 << 20, 100 << 20, 100 << 20, false},              // exactly
+		{100<<20 + cs, 100<<20 + 4096, 100<<20 + 4096, false}, // XO's rounding
+		{100 << 20, 100<<20 - cs + 1, 100<<20 - cs + 1, false},
+		{100 << 20, 100<<20 - cs, 0, true}, // a whole cluster too big
+		{cs, 0, 0, true},                   // an empty device
+	} {
+		end, err := fitEnd(tc.vsize, cs, tc.size, "d", "")
+		var se *SizeError
+		if tc.refused != errors.As(err, &se) || !tc.refused && end != tc.end {
+			t.Errorf("fitEnd(%d, %d) = %d, %v; want %d, refused %v", tc.vsize, tc.size, end, err, tc.end, tc.refused)
+		}
+	}
+}
