@@ -319,8 +319,8 @@ func (s *Sink) Unallocated(off, n int64) error {
 	return s.zero(off, s.clip(off, n), n)
 }
 
-// zero zeroes the n bytes at off of the whole bytes asked for, the part of
-// them before the destination's end.
+// zero makes [off, off+n) read as zeros, n the part before the
+// destination's end of the whole bytes asked for (the rest is dropped).
 func (s *Sink) zero(off, n, whole int64) error {
 	s.Stats.Skipped += whole - n
 	if n == 0 {
