@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -33,11 +32,7 @@ func TestProgressBarOnTerminal(t *testing.T) {
 	}
 
 	r, w := pipe(t)
-	cmd := exec.Command(bin, "serve", "--progress", "--destination", filepath.Join(dir, "out.img"))
-	cmd.Stdin, cmd.Stderr = r, slave
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	p := start(t, cmdSpec{args: []string{"serve", "--progress", "--destination", filepath.Join(dir, "out.img")}, stdin: r, stderr: slave})
 	r.Close()
 	slave.Close() // the child holds it: EOF on the master when it exits
 	var screen bytes.Buffer
@@ -48,8 +43,8 @@ func TestProgressBarOnTerminal(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Close()
-	if err := waitCmd(cmd, 20*time.Second); err != nil {
-		t.Fatalf("serve: %v; terminal: %q", err, screen.String())
+	if code := p.wait(t, 20*time.Second); code != 0 {
+		t.Fatalf("serve: exit %d", code)
 	}
 	select {
 	case <-read:
@@ -106,19 +101,5 @@ func TestProgressBarOnTerminal(t *testing.T) {
 	redrawn()
 	if draws < 2 || !strings.Contains(out, "100%") {
 		t.Fatalf("expected redraws ending at 100%%, got %d: %q", draws, out)
-	}
-}
-
-// waitCmd waits for a started command, killing it after limit.
-func waitCmd(cmd *exec.Cmd, limit time.Duration) error {
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(limit):
-		cmd.Process.Kill()
-		<-done
-		return io.ErrNoProgress
 	}
 }

@@ -22,6 +22,7 @@ type cmdSpec struct {
 	args   []string
 	stdin  io.Reader  // nil: /dev/null
 	stdout io.Writer  // nil: captured in proc.stdout
+	stderr *os.File   // nil: captured in proc.stderr (a pty, to be a terminal)
 	extra  []*os.File // descriptors 3, 4, ... of the child
 	env    []string   // added to the environment
 	limit  time.Duration
@@ -59,6 +60,9 @@ func start(t testing.TB, s cmdSpec) *proc {
 		p.cmd.Stdout = &p.stdout
 	}
 	p.cmd.Stderr = &p.stderr
+	if s.stderr != nil {
+		p.cmd.Stderr = s.stderr
+	}
 	p.cmd.ExtraFiles = s.extra
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ package tests
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -64,33 +63,19 @@ func xoRead(t *testing.T, path string, extra []*os.File, out string, args ...str
 	t.Helper()
 	node, script := xoHarness(t)
 	r, w := pipe(t)
-	exp := exec.Command(path, args...)
-	exp.Stdout, exp.ExtraFiles = w, extra
-	var expErr bytes.Buffer
-	exp.Stderr = &expErr
-	if err := exp.Start(); err != nil {
-		t.Fatal(err)
-	}
-	xo := exec.Command(node, script, "read", "3", out)
-	xo.ExtraFiles = []*os.File{r}
-	var xoOut, xoErr bytes.Buffer
-	xo.Stdout, xo.Stderr = &xoOut, &xoErr
-	if err := xo.Start(); err != nil {
-		t.Fatal(err)
-	}
+	exp := start(t, cmdSpec{path: path, args: args, stdout: w, extra: extra})
+	xo := start(t, cmdSpec{path: node, args: []string{script, "read", "3", out}, extra: []*os.File{r}})
 	r.Close()
 	w.Close()
-	xoRes := waitCmd(xo, 60*time.Second)
-	expRes := waitCmd(exp, 10*time.Second)
-	if xoRes != nil {
-		t.Fatalf("XO's QcowStream: %v: %s", xoRes, xoErr.Bytes())
+	if code := xo.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("XO's QcowStream: exit %d: %s", code, xo.stderr.Bytes())
 	}
-	if expRes != nil {
-		t.Fatalf("%s %s: %v: %s", filepath.Base(path), strings.Join(args, " "), expRes, expErr.Bytes())
+	if code := exp.wait(t, 10*time.Second); code != 0 {
+		t.Fatalf("%s %s: exit %d: %s", filepath.Base(path), strings.Join(args, " "), code, exp.stderr.Bytes())
 	}
 	var s xoSummary
-	if err := json.Unmarshal(xoOut.Bytes(), &s); err != nil {
-		t.Fatalf("XO's summary %q: %v", xoOut.Bytes(), err)
+	if err := json.Unmarshal(xo.stdout.Bytes(), &s); err != nil {
+		t.Fatalf("XO's summary %q: %v", xo.stdout.Bytes(), err)
 	}
 	return s
 }
@@ -196,24 +181,16 @@ func TestXOClosesAfterTables(t *testing.T) {
 		t.Run(strings.Join(append(args[:1:1], args[min(3, len(args)):]...), " "), func(t *testing.T) {
 			r, w := pipe(t)
 			p, entries := startWithJournal(t, nil, w, args...)
-			xo := exec.Command(node, script, "tables", "3")
-			xo.ExtraFiles = []*os.File{r}
-			stdin, err := xo.StdinPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			stdout, err := xo.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var xoErr bytes.Buffer
-			xo.Stderr = &xoErr
-			if err := xo.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { xo.Process.Kill(); xo.Wait() })
+			// XO's stdin stays open until the test is done with it; its
+			// stdout says what it did, line by line.
+			stdin, holdStdin := pipe(t)
+			stdout, xoOut := pipe(t)
+			xo := start(t, cmdSpec{path: node, args: []string{script, "tables", "3"}, stdin: stdin, stdout: xoOut, extra: []*os.File{r}})
 			r.Close()
 			w.Close()
+			stdin.Close()
+			xoOut.Close()
+			xoErr := &xo.stderr
 			lines := bufio.NewScanner(stdout)
 			var s xoSummary
 			if !lines.Scan() || json.Unmarshal(lines.Bytes(), &s) != nil {
@@ -231,10 +208,10 @@ func TestXOClosesAfterTables(t *testing.T) {
 				t.Errorf("the export took %v to end after XO closed the stream, want < 1s", el)
 			}
 			checkFailureLine(t, code, p.stderr.String(), "client went away", "broken pipe")
-			// XO still holds nothing: the pipe was closed by close().
-			stdin.Close()
-			if err := waitCmd(xo, 10*time.Second); err != nil {
-				t.Fatalf("XO: %v: %s", err, xoErr.Bytes())
+			// XO was still running: the pipe was closed by close().
+			holdStdin.Close()
+			if code := xo.wait(t, 10*time.Second); code != 0 {
+				t.Fatalf("XO: exit %d: %s", code, xoErr.Bytes())
 			}
 			var got journalEntry
 			for deadline := time.Now().Add(time.Second); got == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
@@ -260,17 +237,11 @@ func xoWrite(t *testing.T, raw string) (stream *os.File, wait func() error) {
 	t.Helper()
 	node, script := xoHarness(t)
 	r, w := pipe(t)
-	xo := exec.Command(node, script, "write", raw)
-	xo.Stdout = w
-	var xoErr bytes.Buffer
-	xo.Stderr = &xoErr
-	if err := xo.Start(); err != nil {
-		t.Fatal(err)
-	}
+	xo := start(t, cmdSpec{path: node, args: []string{script, "write", raw}, stdout: w})
 	w.Close()
 	return r, func() error {
-		if err := waitCmd(xo, 60*time.Second); err != nil {
-			return fmt.Errorf("XO's toQcow2Stream: %v: %s", err, xoErr.Bytes())
+		if code := xo.wait(t, 60*time.Second); code != 0 {
+			return fmt.Errorf("XO's toQcow2Stream: exit %d: %s", code, xo.stderr.Bytes())
 		}
 		return nil
 	}
