@@ -66,6 +66,17 @@ func herr(field, format string, args ...any) error {
 	return &HeaderError{Field: field, Reason: fmt.Sprintf(format, args...)}
 }
 
+// SnapshotTableError reports a snapshot table qemu would refuse to open,
+// or one the image ends before; a decoder wraps it in a FormatError.
+type SnapshotTableError struct {
+	Offset int64 // image offset of the entry at fault
+	Reason string
+}
+
+func (e *SnapshotTableError) Error() string {
+	return fmt.Sprintf("bad qcow2 snapshot table: offset %#x: %s", e.Offset, e.Reason)
+}
+
 // The zstd frame walker's reasons, inside a FormatError.
 var (
 	errZstdNotAFrame = errors.New("not a zstd frame")

@@ -270,13 +270,8 @@ func ParseHeader(buf []byte) (*Header, error) {
 	if err := checkTableOffset("refcount_table_offset", h.RefcountTableOffset, uint64(h.RefcountTableClusters)*cs, cs, false); err != nil {
 		return nil, err
 	}
-	if h.NbSnapshots > 65536 {
-		return nil, herr("nb_snapshots", "%d snapshots is more than qemu allows", h.NbSnapshots)
-	}
-	if h.NbSnapshots > 0 {
-		if err := checkTableOffset("snapshots_offset", h.SnapshotsOffset, 1, cs, false); err != nil {
-			return nil, err
-		}
+	if err := h.checkSnapshotsField(); err != nil {
+		return nil, err
 	}
 	if err := h.parseExtensions(buf); err != nil {
 		return nil, err

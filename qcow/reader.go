@@ -104,6 +104,6 @@ func NewReader(r io.Reader, opts ReaderOptions) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := newStream(d, r, opts)
+	s := newStream(d, watchSnapshots(r, d, d.cs), opts)
 	return &Reader{d: d, step: s.step, s: s}, nil
 }

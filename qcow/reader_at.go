@@ -71,6 +71,9 @@ func NewReaderAt(r io.ReaderAt, size int64, opts ReaderOptions) (*Reader, error)
 			return nil, d.wrapf(io.ErrUnexpectedEOF, h.L1TableOffset+i*8, "L1 entry %d points at an L2 table at %#x past the end of the %d-byte image", i, off, size)
 		}
 	}
+	if err := d.checkSnapshots(r); err != nil {
+		return nil, err
+	}
 	return &Reader{d: d, step: a.step}, nil
 }
 

@@ -3,6 +3,7 @@ package qcow
 import (
 	"container/heap"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 )
@@ -136,8 +137,14 @@ func (s *streamState) step() (Extent, error) {
 		if s.allL2Known && len(s.runs) == 0 && s.open.n == 0 && len(s.comps) == 0 && len(s.active) == 0 {
 			// Everything is out: drain the rest without holding it.
 			if !s.eof {
-				io.Copy(io.Discard, s.r)
+				_, err := io.Copy(io.Discard, s.r)
 				s.eof = true
+				if fe := (*FormatError)(nil); errors.As(err, &fe) {
+					return Extent{}, err // the snapshot table, after the data
+				}
+			}
+			if err := s.snapshotsRead(); err != nil {
+				return Extent{}, err
 			}
 			return Extent{}, io.EOF
 		}
@@ -324,7 +331,7 @@ func (s *streamState) read(buf []byte) ([]byte, error) {
 		err = nil
 	}
 	if err != nil {
-		return nil, s.d.wrapf(err, s.pos, "reading the image: %v", err)
+		return nil, s.readFailed(err)
 	}
 	return buf[:n], nil
 }

@@ -181,7 +181,7 @@ func (s *streamState) skip(n uint64) error {
 		err = nil
 	}
 	if err != nil {
-		return s.d.wrapf(err, s.pos, "reading the image: %v", err)
+		return s.readFailed(err)
 	}
 	return nil
 }
