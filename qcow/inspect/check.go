@@ -119,6 +119,8 @@ type checker struct {
 	fc  uint64 // clusters in the file
 	// fragmentation: the host cluster that would continue the last data cluster
 	nextHost uint64
+	snaps    []qcow.Snapshot
+	snapEnd  uint64 // end of the snapshot table (unpadded)
 }
 
 // CheckFile validates the structure of the image in r (size bytes long):
@@ -141,8 +143,14 @@ func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
 	if !im.inFile(h.L1TableOffset, uint64(h.L1Size)*8) {
 		return nil, fmt.Errorf("%w: the L1 table at %#x is past the end of the file (%d bytes)", ErrTruncated, h.L1TableOffset, im.size)
 	}
+	// qemu refuses to open an image whose snapshot table is bad, so its
+	// check cannot run either.
+	snaps, snapEnd, err := qcow.ReadSnapshots(r, h, size)
+	if err != nil {
+		return nil, err
+	}
 	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: h.VirtualClusters()}
-	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters()}
+	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters(), snaps: snaps, snapEnd: snapEnd}
 	c.run()
 	return res, nil
 }
@@ -184,7 +192,10 @@ func (c *checker) ref(off, length uint64, r role, what string) bool {
 	if length == 0 {
 		return true
 	}
-	if off >= qcow.MaxHostOffset || !c.im.inFile(off, length) {
+	// Like qemu, accept a structure the file ends inside, unless it runs a
+	// whole cluster or more past the end: qemu writes the last structure
+	// of an image unpadded.
+	if off >= qcow.MaxHostOffset || length > qcow.MaxHostOffset-off || off+length > c.im.size && off+length-c.im.size >= c.im.cs {
 		c.res.corrupt("%s at %#x (%d bytes) is past the end of the file (%d bytes)", what, off, length, c.im.size)
 		return false
 	}
@@ -342,33 +353,22 @@ func (c *checker) l2(t []uint64, l1Index uint64, active bool, table string) {
 	}
 }
 
-// snapshots checks the snapshot table and every snapshot's L1 table.
+// snapshots checks the snapshot table (read and validated when the image
+// was opened) and every snapshot's L1 table.
 func (c *checker) snapshots() {
-	h := c.im.h
-	off := h.SnapshotsOffset
-	start := off
-	for i := uint32(0); i < h.NbSnapshots; i++ {
-		var fixed [40]byte
-		if !c.im.inFile(off, 40) || readFull(c.im.r, fixed[:], off) != nil {
-			c.res.corrupt("snapshot %d header at %#x is past the end of the file", i, off)
-			return
-		}
-		l1off, l1size := be.Uint64(fixed[0:]), uint64(be.Uint32(fixed[8:]))
-		idLen, nameLen := uint64(be.Uint16(fixed[12:])), uint64(be.Uint16(fixed[14:]))
-		extra := uint64(be.Uint32(fixed[36:]))
-		off += (40 + extra + idLen + nameLen + 7) &^ 7
-		if l1off%c.im.cs != 0 {
-			c.res.corrupt("snapshot %d: L1 table at %#x is not cluster aligned", i, l1off)
+	for i, sn := range c.snaps {
+		if sn.L1TableOffset%c.im.cs != 0 {
+			c.res.corrupt("snapshot %d: L1 table at %#x is not cluster aligned", i, sn.L1TableOffset)
 			continue
 		}
-		if l1size*8 > qcow.MaxL1Bytes {
-			c.res.corrupt("snapshot %d: L1 table of %d entries is too large", i, l1size)
+		if uint64(sn.L1Size)*8 > qcow.MaxL1Bytes {
+			c.res.corrupt("snapshot %d: L1 table of %d entries is too large", i, sn.L1Size)
 			continue
 		}
-		c.l1(l1off, l1size, false, fmt.Sprintf("L1 table of snapshot %d", i))
+		c.l1(sn.L1TableOffset, uint64(sn.L1Size), false, fmt.Sprintf("L1 table of snapshot %d", i))
 	}
-	if off > start {
-		c.ref(start, off-start, roleSnapshots, "snapshot table")
+	if start := c.im.h.SnapshotsOffset; c.snapEnd > start {
+		c.ref(start, c.snapEnd-start, roleSnapshots, "snapshot table")
 	}
 }
 

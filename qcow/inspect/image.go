@@ -50,6 +50,19 @@ func readFull(r io.ReaderAt, buf []byte, off uint64) error {
 	return err
 }
 
+// readPadded reads len(buf) bytes at off, which must lie inside the file;
+// what lies past its end reads as zeros, as qemu reads a structure the file
+// ends inside (qemu does not pad the last structure of an image to a
+// cluster: a snapshot table, an L1 copy, compressed data).
+func (im *image) readPadded(buf []byte, off uint64) error {
+	if off >= im.size {
+		return ErrTruncated
+	}
+	n := min(uint64(len(buf)), im.size-off)
+	clear(buf[n:])
+	return readFull(im.r, buf[:n], off)
+}
+
 // inFile reports whether [off, off+length) lies inside the file.
 func (im *image) inFile(off, length uint64) bool {
 	return off <= im.size && length <= im.size-off
@@ -57,11 +70,11 @@ func (im *image) inFile(off, length uint64) bool {
 
 // readTable reads a table of n big-endian 64-bit entries at off.
 func (im *image) readTable(off, n uint64) ([]uint64, error) {
-	if !im.inFile(off, n*8) {
+	if off >= im.size || n*8 > im.size {
 		return nil, fmt.Errorf("table at %#x (%d bytes) runs past the end of the file (%d bytes)", off, n*8, im.size)
 	}
 	buf := make([]byte, n*8)
-	if err := readFull(im.r, buf, off); err != nil {
+	if err := im.readPadded(buf, off); err != nil {
 		return nil, fmt.Errorf("reading table at %#x: %w", off, err)
 	}
 	t := make([]uint64, n)
@@ -118,13 +131,13 @@ func (rc *refcounts) block(off uint64) ([]byte, error) {
 	if rc.cache != nil && rc.cacheOff == off {
 		return rc.cache, nil
 	}
-	if !rc.im.inFile(off, rc.im.cs) {
-		return nil, fmt.Errorf("refcount block at %#x runs past the end of the file", off)
+	if off >= rc.im.size {
+		return nil, fmt.Errorf("refcount block at %#x is past the end of the file", off)
 	}
 	if rc.cache == nil {
 		rc.cache = make([]byte, rc.im.cs)
 	}
-	if err := readFull(rc.im.r, rc.cache, off); err != nil {
+	if err := rc.im.readPadded(rc.cache, off); err != nil {
 		rc.cache = nil
 		return nil, err
 	}
@@ -157,7 +170,7 @@ func (rc *refcounts) blockOffset(i uint64) uint64 {
 		return 0
 	}
 	off := rc.table[i] & 0xfffffffffffffe00 // bits 9-63: offset
-	if off == 0 || off%rc.im.cs != 0 || !rc.im.inFile(off, rc.im.cs) {
+	if off == 0 || off%rc.im.cs != 0 || off >= rc.im.size {
 		return 0
 	}
 	return off
