@@ -71,7 +71,10 @@ func herr(field, format string, args ...any) error {
 type SnapshotTableError struct {
 	Offset int64 // image offset of the entry at fault
 	Reason string
+	Err    error // io.ErrUnexpectedEOF when the table runs past the image
 }
+
+func (e *SnapshotTableError) Unwrap() error { return e.Err }
 
 func (e *SnapshotTableError) Error() string {
 	return fmt.Sprintf("bad qcow2 snapshot table: offset %#x: %s", e.Offset, e.Reason)

@@ -23,6 +23,7 @@ type Snapshot struct {
 	Offset        uint64 // where the entry starts in the image
 	L1TableOffset uint64
 	L1Size        uint32
+	ExtraDataSize uint32
 }
 
 // checkSnapshotsField validates the header's snapshot fields the way qemu
@@ -141,6 +142,7 @@ func (p *snapshotParser) startEntry() error {
 	p.cur.L1TableOffset, p.cur.L1Size = be.Uint64(f[0:]), be.Uint32(f[8:])
 	idLen, nameLen := uint64(be.Uint16(f[12:])), uint64(be.Uint16(f[14:]))
 	extra := uint64(be.Uint32(f[36:]))
+	p.cur.ExtraDataSize = uint32(extra)
 	if extra > MaxSnapshotExtraData {
 		return p.errf("snapshot %d has %d bytes of extra data, more than qemu allows (%d)", p.done, extra, MaxSnapshotExtraData)
 	}
@@ -176,7 +178,9 @@ func ReadSnapshots(r io.ReaderAt, h *Header, size int64) ([]Snapshot, uint64, er
 	for !p.finished() {
 		off := p.end()
 		if size < 0 || off >= uint64(size) {
-			return nil, 0, p.errf("snapshot %d of %d lies past the end of the %d-byte image", p.done, h.NbSnapshots, size)
+			err := p.errf("snapshot %d of %d lies past the end of the %d-byte image", p.done, h.NbSnapshots, size)
+			err.(*SnapshotTableError).Err = io.ErrUnexpectedEOF
+			return nil, 0, err
 		}
 		n := min(uint64(len(buf)), uint64(size)-off)
 		got, err := r.ReadAt(buf[:n], int64(off))

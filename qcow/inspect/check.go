@@ -1,6 +1,7 @@
 package inspect
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"sort"
@@ -129,7 +130,7 @@ type checker struct {
 // them. An error is returned only when the header cannot be read (nothing
 // could be checked); everything else is in the result.
 func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
-	im, err := openImage(r, size)
+	im, notes, err := openImageFor(r, size, true)
 	if err != nil {
 		return nil, err
 	}
@@ -143,14 +144,26 @@ func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
 	if !im.inFile(h.L1TableOffset, uint64(h.L1Size)*8) {
 		return nil, fmt.Errorf("%w: the L1 table at %#x is past the end of the file (%d bytes)", ErrTruncated, h.L1TableOffset, im.size)
 	}
+	// qemu cannot open an image whose data is in an external data file it
+	// does not name.
+	if h.IncompatibleFeatures&qcow.IncompatExternalData != 0 && !hasExtension(h, qcow.ExtExternalDataFile) {
+		return nil, fmt.Errorf("the image's data is in an external data file, and the image does not name it")
+	}
 	// qemu refuses to open an image whose snapshot table is bad, so its
 	// check cannot run either.
+	// A table past the end of the file, qemu reads as zeros and its
+	// check reports.
+	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: h.VirtualClusters()}
 	snaps, snapEnd, err := qcow.ReadSnapshots(r, h, size)
-	if err != nil {
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		res.corrupt("%v", err)
+	} else if err != nil {
 		return nil, err
 	}
-	res := &CheckResult{Format: "qcow2", Errors: []string{}, TotalClusters: h.VirtualClusters()}
 	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters(), snaps: snaps, snapEnd: snapEnd}
+	for _, n := range notes {
+		res.note("Note: %s", n)
+	}
 	c.run()
 	return res, nil
 }
@@ -318,10 +331,9 @@ func (c *checker) l2(t []uint64, l1Index uint64, active bool, table string) {
 			}
 			continue
 		}
+		// With extended L2 entries bit 0 is reserved too, but qemu's check
+		// ignores it (it reads such a cluster normally), and so do we.
 		reserved := e.Reserved()
-		if step == 2 {
-			reserved |= t[j] & 1 // no zero flag in extended L2 entries
-		}
 		if reserved != 0 {
 			c.res.corrupt("%s: L2 entry %#x has reserved bits set", what, t[j])
 		}
@@ -339,11 +351,14 @@ func (c *checker) l2(t []uint64, l1Index uint64, active bool, table string) {
 			c.res.corrupt("%s: data at %#x is not cluster aligned", what, host)
 			continue
 		}
-		if !c.ref(host, cs, roleData, what+" ("+table+")") {
+		external := h.IncompatibleFeatures&qcow.IncompatExternalData != 0
+		if !external && !c.ref(host, cs, roleData, what+" ("+table+")") {
 			continue
 		}
 		if active {
-			c.copied(what, host, e.Copied())
+			if !external { // clusters of an external data file have no refcounts
+				c.copied(what, host, e.Copied())
+			}
 			c.res.AllocatedClusters++
 			if c.nextHost != 0 && host != c.nextHost {
 				c.res.FragmentedClusters++
@@ -357,6 +372,11 @@ func (c *checker) l2(t []uint64, l1Index uint64, active bool, table string) {
 // was opened) and every snapshot's L1 table.
 func (c *checker) snapshots() {
 	for i, sn := range c.snaps {
+		// A version 3 entry carries at least the large VM state size and
+		// the disk size; qemu's check counts a shorter one as corrupt.
+		if c.im.h.Version >= 3 && sn.ExtraDataSize < 16 {
+			c.res.corrupt("snapshot %d: table entry is incomplete (%d bytes of extra data, version 3 needs 16)", i, sn.ExtraDataSize)
+		}
 		if sn.L1TableOffset%c.im.cs != 0 {
 			c.res.corrupt("snapshot %d: L1 table at %#x is not cluster aligned", i, sn.L1TableOffset)
 			continue
@@ -447,6 +467,16 @@ func (c *checker) compareRefcounts() {
 			}
 		}
 	}
+	// The clusters of the file under an unaligned refcount block: qemu's
+	// check cannot read their refcounts.
+	for i := range rc.table {
+		if !rc.unreadable(uint64(i)) {
+			continue
+		}
+		for cl := uint64(i) * rc.perBlock; cl < min(uint64(i+1)*rc.perBlock, c.fc); cl++ {
+			res.failed("cannot read the refcount of cluster %d: its refcount block is not cluster aligned", cl)
+		}
+	}
 	// Referenced clusters no refcount block covers.
 	keys := make([]uint64, 0, len(c.k.chunks))
 	for k := range c.k.chunks {
@@ -456,7 +486,13 @@ func (c *checker) compareRefcounts() {
 	for _, k := range keys {
 		for j, v := range c.k.chunks[k] {
 			cl := k*chunkLen + uint64(j)
-			if v&countMax != 0 && rc.blockOffset(cl/rc.perBlock) == 0 {
+			switch {
+			case v&countMax == 0 || rc.blockOffset(cl/rc.perBlock) != 0:
+			case rc.unreadable(cl / rc.perBlock): // counted above when in the file
+				if cl >= c.fc {
+					res.failed("cannot read the refcount of cluster %d: its refcount block is not cluster aligned", cl)
+				}
+			default:
 				res.corrupt("cluster %d is referenced but no refcount block covers it", cl)
 			}
 		}
@@ -464,4 +500,13 @@ func (c *checker) compareRefcounts() {
 	if seen {
 		res.ImageEndOffset = (highest + 1) * c.im.cs
 	}
+}
+
+func hasExtension(h *qcow.Header, typ uint32) bool {
+	for _, e := range h.Extensions {
+		if e.Type == typ {
+			return true
+		}
+	}
+	return false
 }

@@ -31,11 +31,25 @@ var ErrTruncated = errors.New("truncated image")
 
 // openImage reads and validates the header of the image in r.
 func openImage(r io.ReaderAt, size int64) (*image, error) {
-	h, err := qcow.ReadHeader(r, size)
-	if err != nil {
-		return nil, err
+	im, _, err := openImageFor(r, size, false)
+	return im, err
+}
+
+// openImageFor is openImage; for a check, it also opens the images
+// qemu-img check opens (qcow.ReadHeaderForCheck) and returns its notes.
+func openImageFor(r io.ReaderAt, size int64, check bool) (*image, []string, error) {
+	var h *qcow.Header
+	var notes []string
+	var err error
+	if check {
+		h, notes, err = qcow.ReadHeaderForCheck(r, size)
+	} else {
+		h, err = qcow.ReadHeader(r, size)
 	}
-	return &image{r: r, size: uint64(size), h: h, cs: h.ClusterSize()}, nil
+	if err != nil {
+		return nil, nil, err
+	}
+	return &image{r: r, size: uint64(size), h: h, cs: h.ClusterSize()}, notes, nil
 }
 
 // readFull reads len(buf) bytes at off; a short read is ErrTruncated.
@@ -176,10 +190,23 @@ func (rc *refcounts) blockOffset(i uint64) uint64 {
 	return off
 }
 
+// unreadable reports whether refcount block i is named but cannot be used
+// (not cluster aligned): qemu's check cannot read the refcounts it holds.
+func (rc *refcounts) unreadable(i uint64) bool {
+	if i >= uint64(len(rc.table)) {
+		return false
+	}
+	off := rc.table[i] & 0xfffffffffffffe00
+	return off != 0 && off%rc.im.cs != 0
+}
+
 // get returns the refcount of host cluster c (0 where no block covers it).
 func (rc *refcounts) get(c uint64) (uint64, error) {
 	off := rc.blockOffset(c / rc.perBlock)
 	if off == 0 {
+		if rc.unreadable(c / rc.perBlock) {
+			return 0, fmt.Errorf("its refcount block at %#x is not cluster aligned", rc.table[c/rc.perBlock]&0xfffffffffffffe00)
+		}
 		return 0, nil
 	}
 	b, err := rc.block(off)
