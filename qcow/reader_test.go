@@ -645,7 +645,7 @@ func hostileCorpus() []mutation {
 		{"compressed_into_l1", l2e(3, func(l *Layout) uint64 { return 1<<62 | (l.L1Offset + 10) })},
 		{"compressed_past_end", l2e(3, func(l *Layout) uint64 { return 1<<62 | (l.Size() + 10*cs + 7) })},
 	}
-	return ms
+	return append(ms, snapshotMutations()...)
 }
 
 // expectFailure decodes img both ways and wants an error from each, one
