@@ -174,7 +174,12 @@ func ReadSnapshots(r io.ReaderAt, h *Header, size int64) ([]Snapshot, uint64, er
 		return nil, 0, nil
 	}
 	p := newSnapshotParser(h, true)
-	buf := make([]byte, 64<<10)
+	// Read in pieces of up to 64 KiB, no larger than what the image holds
+	// from the table on: memory follows the image, not what it declares.
+	var buf []byte
+	if size > 0 && h.SnapshotsOffset < uint64(size) {
+		buf = make([]byte, min(64<<10, uint64(size)-h.SnapshotsOffset))
+	}
 	for !p.finished() {
 		off := p.end()
 		if size < 0 || off >= uint64(size) {
