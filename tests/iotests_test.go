@@ -173,6 +173,9 @@ func iotestCases() []iotestCase {
 			pokeBE(t, img, l.l1, 8, top|uint64(l2))
 			pokeBE(t, img, l.rb+2*(l2/l.cs), 2, 1)
 			pokeBE(t, img, l2, 8, top|uint64(l.rb))
+			if err := os.Truncate(img, l2+l.cs); err != nil { // a whole L2 table
+				t.Fatal(err)
+			}
 		}), false, false},
 		{"060", "data cluster reference into an inactive L2 table", damaged, func(t *testing.T, dir, img string) string {
 			create("", "4M", "write -P 1 0 512")(t, dir, img)
