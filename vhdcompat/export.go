@@ -34,6 +34,9 @@ type ExportRequest struct {
 	ClusterSizeFlag, RefcountBitsFlag string
 	BackingFile                       string
 	Hints                             hints.Request
+	// Hybrid, when set, reads the allocation from the image chains behind
+	// the source and the base (vhd-tool's --source-format hybrid).
+	Hybrid *HybridRequest
 
 	// Out is the output when it is known before anything is opened (the
 	// drop-in's stdout): a terminal is then refused before the source is
@@ -102,6 +105,11 @@ func Export(env *Env, req *ExportRequest) error {
 		x.ClusterBits = h.ClusterBits
 	}
 	x.SourceExtents, x.BaseExtents, x.Changed = h.SourceExtents, h.BaseExtents, h.Changed
+	if req.Hybrid != nil {
+		if err := x.loadHybrid(req.Hybrid); err != nil {
+			return err
+		}
+	}
 	if x.Out == nil {
 		if x.Out, x.OutName, err = req.OpenOut(); err != nil {
 			return err
@@ -128,6 +136,8 @@ type openedExport struct {
 	BackingFile         string
 	SourceExtents       hints.Extents
 	BaseExtents         hints.Extents
+	ExactExtents        bool          // the extents come from the image behind the disk (hybrid)
+	Compare             hints.Extents // hybrid with a base: the only clusters that may differ
 	Changed             *bitmap.Bitmap
 	Progress            func(done, total uint64)
 	RefuseTerminal      bool
@@ -166,7 +176,7 @@ func (r *openedExport) run(env *Env) error {
 	res, err := export.Run(env.Ctx, r.Out, export.Options{
 		Source: r.Source, Base: r.Base, ClusterBits: r.ClusterBits, RefcountOrder: r.RefcountOrder,
 		BackingFile: r.BackingFile, SourceExtents: r.SourceExtents, BaseExtents: r.BaseExtents,
-		Changed: r.Changed, Progress: r.Progress,
+		ExactExtents: r.ExactExtents, Compare: r.Compare, Changed: r.Changed, Progress: r.Progress,
 	})
 	if err != nil {
 		var oe *export.OutputError

@@ -12,13 +12,13 @@ import (
 type StreamCmd struct {
 	Source              string `help:"Raw disk to export: a path, file://PATH, or fd://N." placeholder:"PATH"`
 	SourceFD            *int   `name:"source-fd" help:"Export the disk open on this descriptor." placeholder:"N"`
-	SourceFormat        string `default:"raw" enum:"raw" help:"Format of the source (raw)."`
+	SourceFormat        string `default:"raw" enum:"raw,hybrid" help:"Format of the source: raw, or hybrid (DEVICE:IMAGE: data from the raw DEVICE, allocation from IMAGE, a VHD or qcow2 file, and its parents found through --path)."`
 	SourceProtocol      string `default:"none" help:"Protocol of the source (none)."`
 	Destination         string `default:"stdout:" help:"Where the stream goes: stdout:, null:, fd://N, file://PATH." placeholder:"URI"`
 	DestinationFD       *int   `name:"destination-fd" help:"Write the stream to this open descriptor." placeholder:"N"`
 	DestinationFormat   string `default:"qcow2" help:"Format of the stream (qcow2)."`
 	DestinationProtocol string `default:"none" help:"Protocol of the stream (none)."`
-	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk." placeholder:"BASE"`
+	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk (with --source-format hybrid: BASE_DEVICE:BASE_IMAGE, or a raw disk alone)." placeholder:"BASE"`
 	ClusterSize         uint64 `default:"65536" help:"Cluster size in bytes: a power of two from 512 to 2097152."`
 	RefcountBits        uint64 `default:"16" help:"Refcount width in bits: a power of two from 1 to 64."`
 	BackingFile         string `help:"Name this file as the image's raw backing file (a diff qemu-img can read whole)." placeholder:"NAME"`
@@ -79,7 +79,14 @@ func (c *StreamCmd) Run(env *Env) error {
 	if c.SourceFD == nil && c.Source == "" {
 		return &UsageError{"--source is required (a path, file://PATH or fd://N)"}
 	}
-	src, err := ResolveEndpoint(c.SourceFD, c.Source, "--source")
+	source := c.Source
+	if c.SourceFormat == "hybrid" {
+		var err error
+		if source, req.Hybrid, err = c.hybrid(req); err != nil {
+			return err
+		}
+	}
+	src, err := ResolveEndpoint(c.SourceFD, source, "--source")
 	if err != nil {
 		return err
 	}

@@ -41,6 +41,15 @@ type Options struct {
 	// all of it).
 	SourceExtents hints.Extents
 	BaseExtents   hints.Extents
+	// ExactExtents says SourceExtents (and BaseExtents) come from the
+	// image behind the disk (the hybrid source), in whole clusters: the
+	// allocation pass still reads them, so that all-zero clusters are left
+	// out, and may probe them like SEEK_DATA extents.
+	ExactExtents bool
+	// Compare, when non-nil with a Base, is the only clusters that may
+	// differ from it (the rest are the same images on both sides): the
+	// allocation pass reads nothing else.
+	Compare hints.Extents
 
 	// Changed, when non-nil, is the set of clusters that changed (from a
 	// changed block tracking bitmap). Exactly these clusters are stored,
@@ -89,7 +98,7 @@ func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
 		for g, ok := opt.Changed.NextSet(0); ok && g < clusters; g, ok = opt.Changed.NextSet(g + 1) {
 			data.Set(g)
 		}
-	case opt.SourceExtents != nil && opt.Base == nil:
+	case opt.SourceExtents != nil && opt.Base == nil && !opt.ExactExtents:
 		// The hint names the allocated clusters of the image behind the
 		// source: store them without an allocation pass, so the export
 		// reads each allocated byte once and takes the time of one read
@@ -309,6 +318,9 @@ func windows(ext hints.Extents, win int64) func() (span, bool) {
 func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 	span64 := int64(e.clusters) * e.cs
 	cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
+	if e.opt.Base != nil && e.opt.Compare != nil {
+		cand = e.opt.Compare.AlignOut(e.cs, span64)
+	}
 	e.total = 2 * uint64(cand.Bytes())
 	if e.canProbeScan() {
 		return e.scanProbed(data, cand)

@@ -24,9 +24,10 @@ const minProbeCluster = 16 << 10
 // a full export (no base: a diff must compare whole clusters anyway) of a
 // page-cache source (O_DIRECT reads need whole aligned blocks) without a
 // hint mask (bytes outside a hint must read as zero whatever the raw view
-// holds; holes found by SEEK_DATA read as zero by themselves).
+// holds; holes found by SEEK_DATA read as zero by themselves — and so do
+// the whole clusters of ExactExtents, outside which the image is zeros).
 func (e *exporter) canProbeScan() bool {
-	return e.opt.Base == nil && !e.opt.Source.Direct() && e.opt.SourceExtents == nil && e.cs >= minProbeCluster
+	return e.opt.Base == nil && !e.opt.Source.Direct() && (e.opt.SourceExtents == nil || e.opt.ExactExtents) && e.cs >= minProbeCluster
 }
 
 // scanProbed is the allocation pass by probing: for random data it reads

@@ -1,0 +1,330 @@
+// Package hybrid is vhd-tool's hybrid source: the data of a disk comes from
+// a raw device, what it allocates from the image behind the device (a VHD
+// or qcow2 file) and every image below it in its chain. It opens the chain,
+// finding parents as vhd-tool does, and tells the export engine which
+// clusters may hold data and, against a base, which may differ.
+package hybrid
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow"
+	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
+)
+
+// MaxDepth is the longest chain followed. XenServer coalesces VHD chains
+// long before 30 images; a chain this deep is a loop the identity check
+// missed or a damaged image.
+const MaxDepth = 64
+
+// Format of one image of a chain.
+type Format string
+
+// Formats.
+const (
+	VHD   Format = "vhd"
+	Qcow2 Format = "qcow2"
+	Raw   Format = "raw" // a qcow2 backing file with backing format raw
+)
+
+// Layer is one image of a chain.
+type Layer struct {
+	Path   string
+	Format Format
+	// VirtualSize is the size of the disk the image describes.
+	VirtualSize int64
+
+	f    *os.File
+	size int64 // of the file (or block device)
+	vhd  *vhd.Reader
+}
+
+// Chain is an image and its ancestors, the image first.
+type Chain struct {
+	Layers []*Layer
+}
+
+// NotImageError is returned for a top image that is neither VHD nor qcow2.
+type NotImageError struct{ Path string }
+
+func (e *NotImageError) Error() string {
+	return fmt.Sprintf("%s is neither a VHD nor a qcow2 image: give the raw disk alone with --source-format raw", e.Path)
+}
+
+// MissingParentError names a parent that is nowhere in the search path.
+type MissingParentError struct {
+	Child  string
+	Parent string   // the name the child gives
+	Tried  []string // the candidates looked at
+	Search []string
+}
+
+func (e *MissingParentError) Error() string {
+	return fmt.Sprintf("parent %q of %s not found (tried %s; search path %s)", e.Parent, e.Child,
+		strings.Join(e.Tried, ", "), strings.Join(e.Search, ":"))
+}
+
+// LoopError is a chain that comes back to an image already in it.
+type LoopError struct{ Child, Parent string }
+
+func (e *LoopError) Error() string {
+	return fmt.Sprintf("chain has a loop: the parent of %s is %s, already in the chain", e.Child, e.Parent)
+}
+
+// ErrTooDeep is a chain longer than MaxDepth.
+var ErrTooDeep = fmt.Errorf("chain is deeper than %d images", MaxDepth)
+
+// Open opens image and its ancestors. Parents with relative names are
+// searched in the child's directory, then in each directory of search
+// (vhd-tool's --path, which xapi passes as "/dev/mapper:."); absolute names
+// are taken as they are.
+func Open(image string, search []string) (*Chain, error) {
+	c := &Chain{}
+	top, err := openLayer(image)
+	if err != nil {
+		return nil, err
+	}
+	c.Layers = append(c.Layers, top)
+	if top.Format == Raw {
+		c.Close()
+		return nil, &NotImageError{Path: image}
+	}
+	for l := top; ; {
+		names, err := l.parentNames()
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", l.Path, err)
+		}
+		if len(names) == 0 {
+			return c, nil
+		}
+		if len(c.Layers) >= MaxDepth {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", image, ErrTooDeep)
+		}
+		p, err := findParent(l, names, search)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		for _, seen := range c.Layers {
+			if sameFile(seen.f, p.f) {
+				p.close()
+				c.Close()
+				return nil, &LoopError{Child: l.Path, Parent: p.Path}
+			}
+		}
+		if l.Format == VHD && p.Format != VHD {
+			p.close()
+			c.Close()
+			return nil, fmt.Errorf("%s: parent %s is not a VHD image", l.Path, p.Path)
+		}
+		c.Layers = append(c.Layers, p)
+		l = p
+	}
+}
+
+// Close closes the chain's files.
+func (c *Chain) Close() {
+	for _, l := range c.Layers {
+		l.close()
+	}
+}
+
+func (l *Layer) close() {
+	if l.f != nil {
+		l.f.Close()
+		l.f = nil
+	}
+}
+
+func sameFile(a, b *os.File) bool {
+	sa, err1 := a.Stat()
+	sb, err2 := b.Stat()
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+}
+
+// openLayer opens one image and reads its metadata: a VHD (footer at the
+// start or end) or a qcow2 (magic); anything else is a raw layer.
+func openLayer(path string) (*Layer, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	l := &Layer{Path: path, f: f}
+	fail := func(err error) (*Layer, error) {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return fail(err)
+	}
+	switch {
+	case fi.Mode().IsRegular():
+		l.size = fi.Size()
+	case fi.Mode()&os.ModeDevice != 0:
+		if l.size, err = f.Seek(0, io.SeekEnd); err != nil {
+			return fail(err)
+		}
+	default:
+		return fail(errors.New("not a regular file or block device"))
+	}
+	if inspect.IsQcow2(f) {
+		h, err := qcow.ReadHeader(f, l.size)
+		if err != nil {
+			return fail(err)
+		}
+		l.Format, l.VirtualSize = Qcow2, int64(h.Size)
+		return l, nil
+	}
+	v, err := vhd.NewReader(f, l.size)
+	switch {
+	case err == nil:
+		l.Format, l.VirtualSize, l.vhd = VHD, v.VirtualSize(), v
+		return l, nil
+	case errors.Is(err, vhd.ErrNotVHD):
+		l.Format, l.VirtualSize = Raw, l.size
+		return l, nil
+	default:
+		return fail(err)
+	}
+}
+
+// parentNames lists the names under which the image knows its parent, best
+// first: for a VHD the parent locators then the parent's unicode name; for
+// a qcow2 its backing file.
+func (l *Layer) parentNames() ([]string, error) {
+	switch l.Format {
+	case VHD:
+		if l.vhd.Footer.DiskType != vhd.Differencing {
+			return nil, nil
+		}
+		names, err := l.vhd.ParentPaths()
+		if err != nil {
+			return nil, err
+		}
+		if n := l.vhd.Header.ParentName; n != "" {
+			names = append(names, n)
+		}
+		if len(names) == 0 {
+			return nil, errors.New("differencing VHD names no parent")
+		}
+		return names, nil
+	case Qcow2:
+		h, err := qcow.ReadHeader(l.f, l.size)
+		if err != nil {
+			return nil, err
+		}
+		if h.BackingFile == "" {
+			return nil, nil
+		}
+		return []string{h.BackingFile}, nil
+	}
+	return nil, nil
+}
+
+// findParent looks for the first name that exists: an absolute name as it
+// is, a relative one in the child's directory then in each search
+// directory (a "." entry is the current directory).
+func findParent(child *Layer, names, search []string) (*Layer, error) {
+	var tried []string
+	seen := map[string]bool{}
+	dirs := append([]string{filepath.Dir(child.Path)}, search...)
+	for _, name := range names {
+		var cands []string
+		if filepath.IsAbs(name) {
+			cands = []string{name}
+		} else {
+			for _, d := range dirs {
+				cands = append(cands, filepath.Join(d, name))
+			}
+		}
+		for _, p := range cands {
+			if seen[p] {
+				continue
+			}
+			seen[p] = true
+			tried = append(tried, p)
+			if _, err := os.Stat(p); err != nil {
+				continue
+			}
+			l, err := openLayer(p)
+			if err != nil {
+				return nil, fmt.Errorf("parent of %s: %w", child.Path, err)
+			}
+			if err := checkParent(child, l); err != nil {
+				l.close()
+				return nil, err
+			}
+			return l, nil
+		}
+	}
+	return nil, &MissingParentError{Child: child.Path, Parent: names[0], Tried: tried, Search: search}
+}
+
+// checkParent refuses a VHD parent whose unique id is not the one the child
+// recorded: a file of the same name from another chain would give the
+// child wrong data.
+func checkParent(child, parent *Layer) error {
+	if child.Format != VHD || parent.Format != VHD {
+		return nil
+	}
+	want := child.vhd.Header.ParentUniqueID
+	if want == ([16]byte{}) || bytes.Equal(want[:], parent.vhd.Footer.UniqueID[:]) {
+		return nil
+	}
+	return fmt.Errorf("%s is not the parent of %s: its unique id %x is not the %x the child names", parent.Path, child.Path, parent.vhd.Footer.UniqueID, want)
+}
+
+// Kind is what a layer says about a range of the guest disk.
+type Kind uint8
+
+// Kinds of range.
+const (
+	Data        Kind = iota // the layer stores it
+	Zero                    // the layer says it reads as zeros (qcow2 zero flag)
+	Unallocated             // left to the parent (or zeros at the bottom)
+)
+
+// Walk calls fn for the ranges of the guest disk the layer describes, in
+// guest order, clipped to limit bytes.
+func (l *Layer) Walk(limit int64, fn func(start, end int64, k Kind) error) error {
+	clip := func(start, end int64, k Kind) error {
+		end = min(end, limit)
+		if start >= end {
+			return nil
+		}
+		return fn(start, end, k)
+	}
+	switch l.Format {
+	case VHD:
+		return l.vhd.Extents(func(e vhd.Extent) error {
+			k := Unallocated
+			if e.Stored {
+				k = Data
+			}
+			return clip(e.Start, e.Start+e.Length, k)
+		})
+	case Qcow2:
+		return inspect.Walk(l.f, l.size, func(start, length uint64, kind qcow.ExtentKind) error {
+			k := Unallocated
+			switch kind {
+			case qcow.ExtentData:
+				k = Data
+			case qcow.ExtentZero:
+				k = Zero
+			}
+			return clip(int64(start), int64(start+length), k)
+		})
+	default:
+		return clip(0, l.size, Data)
+	}
+}
