@@ -113,7 +113,6 @@ func hybridExport(t *testing.T, raw, image string, alloc int64, extra ...string)
 	}
 }
 
-
 func TestHybridDynamicVHD(t *testing.T) {
 	needQemu(t)
 	dir := t.TempDir()
