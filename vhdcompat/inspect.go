@@ -5,6 +5,7 @@ import (
 	"io"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hybrid"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
 )
 
@@ -21,7 +22,12 @@ func Info(env *Env, path string, dio rawdisk.IO) (*inspect.Info, error) {
 
 // Map lists the allocation of the image at path, as qemu-img map does.
 func Map(env *Env, path string, dio rawdisk.IO) ([]inspect.MapEntry, error) {
-	return inspectPath(env, "map", path, dio, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) { return inspect.MapFile(d.Unaligned(), d.Size(), d) }, inspect.MapStream)
+	return inspectPath(env, "map", path, dio, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) {
+		if v, err := hybrid.DetectVHD(d.Unaligned(), d.Size()); err != nil || v != nil {
+			return hybrid.MapVHD(v, err, d)
+		}
+		return inspect.MapFile(d.Unaligned(), d.Size(), d)
+	}, inspect.MapStream)
 }
 
 // Check checks the structure of the image at path, as qemu-img check does.

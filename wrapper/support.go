@@ -35,7 +35,7 @@ func writeJSON(w io.Writer, v any) error {
 type InfoCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
-	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
+	Path string `arg:"" help:"qcow2 or VHD file, or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -43,7 +43,9 @@ func (c *InfoCmd) Help() string {
 	return `Prints the version, virtual size, cluster size, refcount width, feature
 bits by name, header extensions, compression type, backing file and a
 summary of the allocation (data, zero, unallocated). JSON keys are those of
-qemu-img info --output=json where qemu has one.
+qemu-img info --output=json where qemu has one. For a VHD file (format vpc):
+its type, block size, unique id, parent name and locators, and the bytes
+its sector bitmaps mark.
 
 Examples:
 
@@ -57,6 +59,16 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 	dio, err := c.IO()
 	if err != nil {
 		return err
+	}
+	if vi, err := vhdcompat.InfoVHD(c.Path, dio); err != nil || vi != nil {
+		if err != nil {
+			return err
+		}
+		vi.Filename = c.Path
+		if c.Output == "json" {
+			return writeJSON(env.Stdout, vi)
+		}
+		return vi.WriteHuman(env.Stdout)
 	}
 	info, err := vhdcompat.Info(env, c.Path, dio)
 	if err != nil {
@@ -73,7 +85,7 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 type MapCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
-	Path string `arg:"" help:"qcow2 file, or - for a qcow2 stream on stdin."`
+	Path string `arg:"" help:"qcow2 or VHD file, or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -84,7 +96,9 @@ clusters), with adjacent extents merged the same way. For a stream (-)
 the data offsets are those of the stream, as they would be in a file of it;
 zero ranges carry no offset there, and a stream has no file holes, so data
 preallocated on holes is not reported as reading zero. Ranges left to a
-backing file are reported at depth 1, not inspected.
+backing file are reported at depth 1, not inspected. A VHD file is mapped
+as qemu-img maps format vpc: stored sectors as data at their offset in the
+file, the rest as zeros, or at depth 1 for a differencing disk.
 
 Examples:
 

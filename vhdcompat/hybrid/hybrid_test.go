@@ -15,6 +15,15 @@ import (
 
 const mib = 1 << 20
 
+// ext builds extents from start, end pairs.
+func ext(se ...int64) hints.Extents {
+	out := hints.Extents{}
+	for i := 0; i+1 < len(se); i += 2 {
+		out = append(out, hints.Extent{Start: se[i], End: se[i+1]})
+	}
+	return out
+}
+
 func save(t testing.TB, im *vhdtest.Image, path string) string {
 	t.Helper()
 	if err := im.Save(path); err != nil {
@@ -64,7 +73,7 @@ func TestVHDChainThroughSearchPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := hints.Extents{{0, 64 << 10}, {5 * mib, 5*mib + 64<<10}, {16*mib - 64<<10, 16 * mib}}
+	want := ext(0, 64<<10, 5*mib, 5*mib+64<<10, 16*mib-64<<10, 16*mib)
 	if fmt.Sprint(p.Source) != fmt.Sprint(want) {
 		t.Fatalf("source extents %v, want %v", p.Source, want)
 	}
@@ -151,7 +160,7 @@ func TestQcow2ZeroHidesBacking(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := hints.Extents{{512 << 10, mib}, {4 * mib, 4*mib + 64<<10}, {6 * mib, 6*mib + 64<<10}}
+	want := ext(512<<10, mib, 4*mib, 4*mib+64<<10, 6*mib, 6*mib+64<<10)
 	if fmt.Sprint(p.Source) != fmt.Sprint(want) {
 		t.Fatalf("source extents %v, want %v", p.Source, want)
 	}
@@ -182,11 +191,11 @@ func TestPlanAgainstBase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantCmp := hints.Extents{{mib, mib + 64<<10}, {3 * mib, 3*mib + 64<<10}, {7 * mib, 7*mib + 64<<10}}
+	wantCmp := ext(mib, mib+64<<10, 3*mib, 3*mib+64<<10, 7*mib, 7*mib+64<<10)
 	if p.Shared != 1 || fmt.Sprint(p.Compare) != fmt.Sprint(wantCmp) {
 		t.Fatalf("shared %d, compare %v, want %v", p.Shared, p.Compare, wantCmp)
 	}
-	wantSrc := hints.Extents{{0, mib}, {mib + 64<<10, 2 * mib}, {7 * mib, 7*mib + 64<<10}}
+	wantSrc := ext(0, mib, mib+64<<10, 2*mib, 7*mib, 7*mib+64<<10)
 	if fmt.Sprint(p.Source) != fmt.Sprint(wantSrc) {
 		t.Fatalf("source %v, want %v", p.Source, wantSrc)
 	}

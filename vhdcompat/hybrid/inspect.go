@@ -1,0 +1,178 @@
+package hybrid
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
+)
+
+// The support commands info and map on VHD files: what the hybrid export
+// will read, in the words of qemu-img info/map (format "vpc").
+
+// DetectVHD returns a reader when r holds a VHD, nil when it holds no VHD
+// footer at all, and an error for a VHD the reader refuses.
+func DetectVHD(r io.ReaderAt, size int64) (*vhd.Reader, error) {
+	if inspect.IsQcow2(r) {
+		return nil, nil
+	}
+	v, err := vhd.NewReader(r, size)
+	if errors.Is(err, vhd.ErrNotVHD) {
+		return nil, nil
+	}
+	return v, err
+}
+
+// VHDInfo describes a VHD. Keys are qemu-img info's where qemu has one
+// (format "vpc", cluster-size the block size); the "vhd" object is ours.
+type VHDInfo struct {
+	VirtualSize     uint64     `json:"virtual-size"`
+	Filename        string     `json:"filename"`
+	ClusterSize     uint64     `json:"cluster-size,omitempty"`
+	Format          string     `json:"format"`
+	BackingFilename string     `json:"backing-filename,omitempty"`
+	DirtyFlag       bool       `json:"dirty-flag"`
+	VHD             VHDDetails `json:"vhd"`
+	Allocation      struct {
+		DataBytes        uint64 `json:"data-bytes"`
+		UnallocatedBytes uint64 `json:"unallocated-bytes"`
+		AllocatedBlocks  int    `json:"allocated-blocks"`
+		Blocks           int    `json:"blocks"`
+	} `json:"allocation"`
+}
+
+// VHDDetails are the footer's and header's fields.
+type VHDDetails struct {
+	DiskType       string   `json:"disk-type"`
+	CreatorApp     string   `json:"creator-app"`
+	UniqueID       string   `json:"unique-id"`
+	ParentUniqueID string   `json:"parent-unique-id,omitempty"`
+	ParentName     string   `json:"parent-name,omitempty"`
+	ParentLocators []string `json:"parent-locators,omitempty"`
+}
+
+// InfoVHD describes the VHD v; data bytes count the sectors its bitmaps
+// mark, not its parents'.
+func InfoVHD(v *vhd.Reader) (*VHDInfo, error) {
+	in := &VHDInfo{VirtualSize: uint64(v.VirtualSize()), ClusterSize: uint64(v.BlockSize()), Format: "vpc"}
+	f := v.Footer
+	in.VHD = VHDDetails{DiskType: f.DiskType.String(), CreatorApp: f.CreatorApp, UniqueID: uuid(f.UniqueID)}
+	if f.DiskType == vhd.Differencing {
+		in.VHD.ParentUniqueID = uuid(v.Header.ParentUniqueID)
+		in.VHD.ParentName = v.Header.ParentName
+		paths, err := v.ParentPaths()
+		if err != nil {
+			return nil, err
+		}
+		in.VHD.ParentLocators = paths
+		in.BackingFilename = v.Header.ParentName
+		if len(paths) > 0 {
+			in.BackingFilename = paths[0]
+		}
+	}
+	err := v.Extents(func(e vhd.Extent) error {
+		if e.Stored {
+			in.Allocation.DataBytes += uint64(e.Length)
+		} else {
+			in.Allocation.UnallocatedBytes += uint64(e.Length)
+		}
+		return nil
+	})
+	in.Allocation.AllocatedBlocks, in.Allocation.Blocks = v.AllocatedBlocks(), v.Blocks()
+	return in, err
+}
+
+func uuid(b [16]byte) string {
+	h := hex.EncodeToString(b[:])
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+// WriteHuman prints the description for a person.
+func (in *VHDInfo) WriteHuman(w io.Writer) error {
+	p := func(k string, v any) { fmt.Fprintf(w, "%-22s %v\n", k+":", v) }
+	p("image", in.Filename)
+	p("file format", fmt.Sprintf("vpc (VHD, %s)", in.VHD.DiskType))
+	p("virtual size", fmt.Sprintf("%d bytes", in.VirtualSize))
+	if in.ClusterSize != 0 {
+		p("block size", in.ClusterSize)
+	}
+	p("creator", in.VHD.CreatorApp)
+	p("unique id", in.VHD.UniqueID)
+	if in.VHD.DiskType == vhd.Differencing.String() {
+		p("parent name", in.VHD.ParentName)
+		p("parent unique id", in.VHD.ParentUniqueID)
+		for _, l := range in.VHD.ParentLocators {
+			p("parent locator", l)
+		}
+	}
+	a := in.Allocation
+	p("allocated blocks", fmt.Sprintf("%d of %d", a.AllocatedBlocks, a.Blocks))
+	_, err := fmt.Fprintf(w, "%-22s %d bytes in sectors marked in the bitmaps (%d not stored here)\n", "data:", a.DataBytes, a.UnallocatedBytes)
+	return err
+}
+
+// MapVHD lists the extents of the VHD v as qemu-img map does for vpc:
+// stored sectors are data at their offset in the file (for a fixed disk,
+// reading as zeros where the file has a hole, when holes can tell: qemu
+// asks the file there, and not inside a dynamic disk's blocks); the rest reads as zeros
+// in a dynamic disk, and comes from the parent (depth 1) in a differencing
+// one. An error given with v (from DetectVHD) is returned as it is.
+func MapVHD(v *vhd.Reader, err error, holes inspect.Holes) ([]inspect.MapEntry, error) {
+	if err != nil {
+		return nil, err
+	}
+	var out []inspect.MapEntry
+	add := func(m inspect.MapEntry) {
+		if n := len(out); n > 0 {
+			p := &out[n-1]
+			if p.Start+p.Length == m.Start && p.Depth == m.Depth && p.Present == m.Present && p.Zero == m.Zero &&
+				p.Data == m.Data && (p.Offset == nil) == (m.Offset == nil) && (p.Offset == nil || *p.Offset+p.Length == *m.Offset) {
+				p.Length += m.Length
+				return
+			}
+		}
+		out = append(out, m)
+	}
+	diff := v.Footer.DiskType == vhd.Differencing
+	if v.Footer.DiskType != vhd.Fixed {
+		holes = nil
+	}
+	err = v.Extents(func(e vhd.Extent) error {
+		m := inspect.MapEntry{Start: uint64(e.Start), Length: uint64(e.Length)}
+		switch {
+		case e.Stored:
+			return addStored(add, e, holes)
+		case diff:
+			m.Depth = 1
+		default:
+			m.Present, m.Zero = true, true
+		}
+		add(m)
+		return nil
+	})
+	return out, err
+}
+
+// addStored adds a stored extent, split where the file has holes.
+func addStored(add func(inspect.MapEntry), e vhd.Extent, holes inspect.Holes) error {
+	for pos := int64(0); pos < e.Length; {
+		data, end := true, e.HostOffset+e.Length
+		if holes != nil {
+			var err error
+			if data, end, err = holes.DataAt(e.HostOffset+pos, e.HostOffset+e.Length); err != nil {
+				return err
+			}
+		}
+		n := end - (e.HostOffset + pos)
+		if n <= 0 {
+			n = e.Length - pos
+		}
+		off := uint64(e.HostOffset + pos)
+		add(inspect.MapEntry{Start: uint64(e.Start + pos), Length: uint64(n), Present: true, Data: true, Zero: !data, Offset: &off})
+		pos += n
+	}
+	return nil
+}
