@@ -337,6 +337,9 @@ else
 	skip "scale: export sparse" 1.0 "cannot create a $SCALE-byte sparse file here"
 fi
 
+# The hybrid source: allocation read from the VHD or qcow2 behind the VDI.
+source "$ROOT/tests/bench/hybrid.sh"
+
 if [[ -n $MEM_WORST_CASE ]]; then
 	record "memory: worst peak RSS / allowed" "$MEM_WORST" 1 1.0 "$MEM_WORST_CASE"
 fi

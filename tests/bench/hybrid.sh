@@ -1,0 +1,104 @@
+# The hybrid source (issue 15), sourced by bench.sh after its other cases:
+# a thin VDI — a loop device over a sparse file — with a VHD and a qcow2
+# image behind it that each allocate the same data runs (1 GiB of 64 GiB;
+# quick: 16 MiB of 1 GiB). The export takes its allocation from the image
+# and reads only those runs from the device; the limit is dd reading the
+# same runs from the same device. Both read through the page cache, which
+# is emptied (blockdev --flushbufs) before every run. Uses bench.sh's
+# helpers and images ($RAND, $DIR, bench, record, skip, LOOPS).
+
+hybrid_cases() {
+	local thin runs run_mib dev raw=$DIR/thin.raw img off i offs=()
+	if [[ $QUICK == 1 ]]; then
+		thin=$((1 << 30)) runs=16 run_mib=1
+	else
+		thin=$((64 << 30)) runs=64 run_mib=16
+	fi
+	local name="$((thin >> 30)) GiB thin, $((runs * run_mib)) MiB allocated"
+	local rows=("hybrid VHD $name: first byte" "hybrid VHD $name: total"
+		"hybrid qcow2 $name: first byte" "hybrid qcow2 $name: total"
+		"hybrid VHD vs full scan of the device" "hybrid qcow2 vs qemu-img map+info+hinted export")
+	local why=""
+	if ! have qemu-img; then
+		why="qemu-img not installed"
+	elif [[ -n $loop_ok ]]; then
+		why=$loop_ok
+	elif ! have blockdev; then
+		why="blockdev not installed"
+	fi
+	if [[ -n $why ]]; then
+		for r in "${rows[@]}"; do skip "$r" 1.2 "$why"; done
+		return 0
+	fi
+	say "hybrid source"
+	truncate -s "$thin" "$raw"
+	# Runs spread over the disk at 2 MiB-aligned offsets, so that the VHD
+	# (2 MiB blocks) allocates exactly the data.
+	local slot=$((thin / runs / (2 << 20)))
+	for ((i = 0; i < runs; i++)); do
+		off=$(((i * slot + (i % 3)) * 2)) # in MiB
+		offs+=("$off")
+		dd if="$RAND" of="$raw" bs=1M count="$run_mib" skip=$(((i * run_mib) % (MIB1G - run_mib))) \
+			seek="$off" conv=notrunc status=none
+	done
+	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $raw $DIR/thin.vhd"
+	run "qemu-img convert -f raw -O qcow2 $raw $DIR/thin.qcow2"
+	if ! dev=$(losetup --show -f "$raw" 2>"$DIR/stderr"); then
+		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done
+		rm -f "$raw" "$DIR"/thin.*
+		return 0
+	fi
+	LOOPS+=("$dev")
+	local prep="blockdev --flushbufs $dev"
+	local dd_alloc="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=1M skip=\$o count=$run_mib status=none; done"
+	local mem
+	mem=$(mem_limit "$thin")
+	for fmt in VHD qcow2; do
+		img=$DIR/thin.${fmt,,}
+		local cmd="$OURS stream --source-format hybrid --source $dev:$img"
+		bench_first_byte "hybrid $fmt $name: first byte" 1.2 "$cmd" "$dd_alloc" "$prep"
+		bench "hybrid $fmt $name: total" 1.2 "$cmd | cat >/dev/null" "$dd_alloc" "$prep" "$mem"
+	done
+	# What an export of this VDI costs without the hybrid source: a scan
+	# of the whole device, or (xapi today, qcow2-backed VDIs only) two runs
+	# of qemu-img for a map and an info, then the hinted export. The ratio
+	# is hybrid / that, so below 1 is better.
+	bench "hybrid VHD vs full scan of the device" 1.0 \
+		"$OURS stream --source-format hybrid --source $dev:$DIR/thin.vhd | cat >/dev/null" \
+		"$OURS stream --source $dev | cat >/dev/null" "$prep"
+	bench "hybrid qcow2 vs qemu-img map+info+hinted export" 1.0 \
+		"$OURS stream --source-format hybrid --source $dev:$DIR/thin.qcow2 | cat >/dev/null" \
+		"qemu-img map --output=json $DIR/thin.qcow2 >$DIR/thin.map && qemu-img info --output=json $DIR/thin.qcow2 >$DIR/thin.info && $OURS stream --source $dev --allocation-map $DIR/thin.map --allocation-info $DIR/thin.info | cat >/dev/null" \
+		"$prep"
+	run "$OURS stream --source-format hybrid --source $dev:$DIR/thin.vhd --destination file://$DIR/thin.out.qcow2"
+	run "qemu-img compare -f qcow2 -F raw $DIR/thin.out.qcow2 $raw"
+	losetup -d "$dev"
+	rm -f "$raw" "$DIR"/thin.*
+}
+
+# first_byte CMD: seconds until CMD's first byte of output reaches the
+# reader (CMD's output is then drained to its end).
+first_byte() {
+	local t0
+	t0=$(now)
+	run "$1 | { head -c 1 >/dev/null; echo \$EPOCHREALTIME >$DIR/ttfb; cat >/dev/null; }"
+	elapsed "$t0" "$(cat "$DIR/ttfb")"
+}
+
+# bench_first_byte NAME TARGET OURS_CMD LIMIT_CMD PREP_CMD: as bench, timing
+# ours to its first byte of output.
+bench_first_byte() {
+	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=$5 o=() l=() i t
+	for ((i = 0; i < RUNS; i++)); do
+		if ((i % 2 == 1)); then
+			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
+		fi
+		run "$prep"; t=$(first_byte "$ours_cmd") || exit 1; o+=("$t")
+		if ((i % 2 == 0)); then
+			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
+		fi
+	done
+	record "$name" "$(median "${o[@]}")" "$(median "${l[@]}")" "$target" "-"
+}
+
+hybrid_cases
