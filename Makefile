@@ -7,10 +7,11 @@ GOFLAGS_STATIC := CGO_ENABLED=0
 # Fuzzing is bounded by a count, not a duration: with a duration Go 1.26's
 # fuzz coordinator can report "context deadline exceeded" at the deadline
 # without any failing input (golang/go#75804, fixed in Go 1.27). A count
-# has no deadline. Both counts take about 10 s here. FuzzReader's
+# has no deadline. The qcow counts take about 10 s here, the VHD one 5 s. FuzzReader's
 # minimisation is bounded too (see qcow/fuzz_test.go).
 FUZZ_HEADER_EXECS ?= 200000x
 FUZZ_READER_EXECS ?= 100000x
+FUZZ_VHD_EXECS    ?= 50000x
 
 .PHONY: all build demo test unit lint fuzz bench rpm rpm-check clean deps
 
@@ -46,6 +47,7 @@ unit:
 fuzz:
 	$(GO) test ./qcow -run '^$$' -fuzz '^FuzzParseHeader$$' -fuzztime $(FUZZ_HEADER_EXECS)
 	$(GO) test ./qcow -run '^$$' -fuzz '^FuzzReader$$' -fuzztime $(FUZZ_READER_EXECS) -fuzzminimizetime 500x
+	$(GO) test ./vhdcompat/vhd -run '^$$' -fuzz '^FuzzNewReader$$' -fuzztime $(FUZZ_VHD_EXECS) -fuzzminimizetime 500x
 
 # Everything CI runs.
 test: deps lint unit fuzz rpm-check
