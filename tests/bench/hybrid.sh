@@ -17,6 +17,7 @@ hybrid_cases() {
 	local name="$((thin >> 30)) GiB thin, $((runs * run_mib)) MiB allocated"
 	local rows=("hybrid VHD $name: first byte" "hybrid VHD $name: total"
 		"hybrid qcow2 $name: first byte" "hybrid qcow2 $name: total"
+		"hybrid VHD $name, --direct: total"
 		"hybrid VHD vs full scan of the device" "hybrid qcow2 vs qemu-img map+info+hinted export")
 	local why=""
 	if ! have qemu-img; then
@@ -59,6 +60,12 @@ hybrid_cases() {
 		bench_first_byte "hybrid $fmt $name: first byte" 1.2 "$cmd" "$dd_alloc" "$prep"
 		bench "hybrid $fmt $name: total" 1.2 "$cmd | cat >/dev/null" "$dd_alloc" "$prep" "$mem"
 	done
+	# xapi passes --direct: both passes then read the allocated runs from
+	# the device (pass 1 to leave zero clusters out, pass 2 to send), so
+	# the target is two reads of them with dd iflag=direct, plus a tenth.
+	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=1M iflag=direct skip=\$o count=$run_mib status=none; done"
+	bench "hybrid VHD $name, --direct: total" 2.2 \
+		"$OURS stream --direct --source-format hybrid --source $dev:$DIR/thin.vhd | cat >/dev/null" "$dd_direct" "$prep" "$mem"
 	# What an export of this VDI costs without the hybrid source: a scan
 	# of the whole device, or (xapi today, qcow2-backed VDIs only) two runs
 	# of qemu-img for a map and an info, then the hinted export. The ratio
