@@ -11,7 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd/vhdtest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/vhdtest"
 )
 
 // The hybrid source (vhd-tool's --source-format hybrid DEVICE:IMAGE): data
@@ -62,7 +63,7 @@ func quietLoop(t testing.TB, raw string) string {
 func allocatedBytes(t testing.TB, img string) int64 {
 	t.Helper()
 	var clusters = map[int64]bool{}
-	for _, e := range qemuMap(t, img) {
+	for _, e := range qemutest.Map(t, img) {
 		if e.Data {
 			for c := e.Start / kib64; c*kib64 < e.Start+e.Length; c++ {
 				clusters[c] = true
@@ -102,7 +103,7 @@ func hybridExport(t *testing.T, raw, image string, alloc int64, extra ...string)
 		before := sectorsRead(t, dev)
 		exportToFile(t, out, args...)
 		read := (sectorsRead(t, dev) - before) * 512
-		qemuCompare(t, out, raw)
+		qemutest.Compare(t, out, raw)
 		if read > limit {
 			t.Errorf("direct=%v: read %d bytes from the device; the chain allocates %d", direct, read, alloc)
 		}
@@ -114,13 +115,13 @@ func hybridExport(t *testing.T, raw, image string, alloc int64, extra ...string)
 }
 
 func TestHybridDynamicVHD(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, raw := filepath.Join(dir, "d.vhd"), filepath.Join(dir, "d.raw")
-	qemu(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "40M")
+	qemutest.Img(t, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "40M")
 	// A block of zeros written by the guest is allocated but left out.
-	qemu(t, "qemu-io", "-c", "write -P 0x11 0 4k", "-c", "write -P 0x22 9M 3M", "-c", "write -P 0 20M 64k", "-c", "write -P 0x33 41942528 512", img)
-	qemu(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", img, raw)
+	qemutest.Run(t, "qemu-io", "-c", "write -P 0x11 0 4k", "-c", "write -P 0x22 9M 3M", "-c", "write -P 0 20M 64k", "-c", "write -P 0x33 41942528 512", img)
+	qemutest.Img(t, "convert", "-f", "vpc", "-O", "raw", img, raw)
 	hybridExport(t, raw, img, allocatedBytes(t, img))
 	// The zero block is not stored.
 	dev := loopDevice(t, raw, false)
@@ -178,7 +179,7 @@ func vhdChain(t *testing.T, dir string, size int64, writes [3][][2]int64) (top, 
 }
 
 func TestHybridDifferencingVHDChain(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	const size = 24 << 20
 	top, raw, regions := vhdChain(t, dir, size, [3][][2]int64{
@@ -200,7 +201,7 @@ func TestHybridDifferencingVHDChain(t *testing.T) {
 	// Against a base: the base is mid's chain (mid and base shared), so
 	// only what top writes is compared.
 	baseRaw := filepath.Join(dir, "base.raw")
-	qemu(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", filepath.Join(dir, "lib", "base.vhd"), baseRaw)
+	qemutest.Img(t, "convert", "-f", "vpc", "-O", "raw", filepath.Join(dir, "lib", "base.vhd"), baseRaw)
 	// mid's content: base's plus mid's writes; build it from the raw of
 	// the chain by undoing top's writes with base's bytes there.
 	midRaw := filepath.Join(dir, "mid.raw")
@@ -215,7 +216,7 @@ func TestHybridDifferencingVHDChain(t *testing.T) {
 	exportToFile(t, diff, "stream", "--source-format", "hybrid", "--source", srcDev+":"+top,
 		"--relative-to", baseDev+":"+filepath.Join(dir, "lib", "mid.vhd"), "--path", filepath.Join(dir, "lib"),
 		"--backing-file", midRaw)
-	qemu(t, "qemu-img", "compare", diff, raw)
+	qemutest.Img(t, "compare", diff, raw)
 	srcRead, baseRead := (sectorsRead(t, srcDev)-s0)*512, (sectorsRead(t, baseDev)-b0)*512
 	if srcRead > 2*kib64 || baseRead > 2*kib64 {
 		t.Fatalf("diff read %d bytes of the source and %d of the base; only top's two clusters differ", srcRead, baseRead)
@@ -226,7 +227,7 @@ func TestHybridDifferencingVHDChain(t *testing.T) {
 }
 
 func TestHybridQcow2Chains(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	for _, c := range []struct {
 		name, opts string
 		writes     [][]string // per layer, qemu-io commands
@@ -253,14 +254,14 @@ func TestHybridQcow2Chains(t *testing.T) {
 				if top != "" {
 					args = append(args, "-b", filepath.Base(top), "-F", "qcow2")
 				}
-				qemu(t, "qemu-img", append(args, img, "32M")...)
+				qemutest.Img(t, append(args, img, "32M")...)
 				for _, w := range ws {
-					qemu(t, "qemu-io", "-c", w, img)
+					qemutest.Run(t, "qemu-io", "-c", w, img)
 				}
 				top = img
 			}
 			raw := filepath.Join(dir, "disk.raw")
-			qemu(t, "qemu-img", "convert", "-O", "raw", top, raw)
+			qemutest.Img(t, "convert", "-O", "raw", top, raw)
 			hybridExport(t, raw, top, allocatedBytes(t, top))
 		})
 	}
@@ -269,7 +270,7 @@ func TestHybridQcow2Chains(t *testing.T) {
 // TestHybridHugeSparseVHD: a VHD of 3 TiB with data near its end. The
 // export reads only that data and finishes in seconds.
 func TestHybridHugeSparseVHD(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	const size = 3 << 40
 	top, raw, regions := vhdChain(t, dir, size, [3][][2]int64{
@@ -285,10 +286,10 @@ func TestHybridHugeSparseVHD(t *testing.T) {
 }
 
 func TestHybridRefusals(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	img, raw := filepath.Join(dir, "d.vhd"), filepath.Join(dir, "d.raw")
-	qemu(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "8M")
+	qemutest.Img(t, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "8M")
 	sparseFile(t, raw, 8<<20)
 	small := filepath.Join(dir, "small.raw")
 	sparseFile(t, small, 4<<20)
@@ -302,7 +303,7 @@ func TestHybridRefusals(t *testing.T) {
 	copy(b[1536:], []byte{0x7f, 0, 0, 0}) // BAT entry 0 far past the end
 	os.WriteFile(batOut, b, 0o644)
 	qc := filepath.Join(dir, "q.qcow2")
-	qemu(t, "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", qc, "8M")
+	qemutest.Img(t, "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", qc, "8M")
 	for _, c := range []struct {
 		name   string
 		source string

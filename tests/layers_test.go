@@ -20,10 +20,12 @@ var layers = map[string]int{
 	"vhdcompat":          5,
 	"vhdcompat/export":   4,
 	"vhdcompat/importer": 4,
+	"vhdcompat/hybrid":   4,
 	"vhdcompat/hints":    3,
 	"vhdcompat/rawdisk":  2,
 	"qcow/inspect":       2,
 	"qcow":               1,
+	"vhdcompat/vhd":      1,
 	"qcow/bitmap":        0,
 }
 

@@ -8,13 +8,14 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd/vhdtest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/vhdtest"
 )
 
 // TestSupportVHD: info and map of VHD files say what qemu-img says of them
 // (format vpc), and show a differencing disk's parent.
 func TestSupportVHD(t *testing.T) {
-	needQemu(t)
+	qemutest.Need(t)
 	dir := t.TempDir()
 	for _, c := range []struct{ name, opts, size string }{
 		{"dynamic", "subformat=dynamic,force_size=on", "30M"},
@@ -22,13 +23,13 @@ func TestSupportVHD(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img := filepath.Join(dir, c.name+".vhd")
-			qemu(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", c.opts, img, c.size)
-			qemu(t, "qemu-io", "-f", "vpc", "-c", "write -P 1 0 4k", "-c", "write -P 2 2M 3M", img)
+			qemutest.Img(t, "create", "-q", "-f", "vpc", "-o", c.opts, img, c.size)
+			qemutest.Run(t, "qemu-io", "-f", "vpc", "-c", "write -P 1 0 4k", "-c", "write -P 2 2M 3M", img)
 			var ours, theirs []map[string]any
 			if err := json.Unmarshal(mustRun(t, nil, "map", "--output=json", img), &ours); err != nil {
 				t.Fatal(err)
 			}
-			if err := json.Unmarshal(qemu(t, "qemu-img", "map", "-f", "vpc", "--output=json", img), &theirs); err != nil {
+			if err := json.Unmarshal(qemutest.Img(t, "map", "-f", "vpc", "--output=json", img), &theirs); err != nil {
 				t.Fatal(err)
 			}
 			if !reflect.DeepEqual(ours, theirs) {
@@ -36,7 +37,7 @@ func TestSupportVHD(t *testing.T) {
 			}
 			var oi, qi map[string]any
 			json.Unmarshal(mustRun(t, nil, "info", "--output=json", img), &oi)
-			json.Unmarshal(qemu(t, "qemu-img", "info", "-f", "vpc", "--output=json", img), &qi)
+			json.Unmarshal(qemutest.Img(t, "info", "-f", "vpc", "--output=json", img), &qi)
 			for _, k := range []string{"virtual-size", "format", "cluster-size", "dirty-flag"} {
 				if fmt.Sprint(oi[k]) != fmt.Sprint(qi[k]) {
 					t.Errorf("info %s: ours %v, qemu's %v", k, oi[k], qi[k])
@@ -61,7 +62,7 @@ func TestSupportVHD(t *testing.T) {
 				t.Fatalf("info does not say %q:\n%s", want, out)
 			}
 		}
-		var m []mapEntry
+		var m []qemutest.MapEntry
 		if err := json.Unmarshal(mustRun(t, nil, "map", "--output=json", cpath), &m); err != nil {
 			t.Fatal(err)
 		}

@@ -4,13 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/vhdtest"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hints"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd/vhdtest"
 )
 
 const mib = 1 << 20
@@ -132,12 +132,7 @@ func TestChainRefusals(t *testing.T) {
 
 func qemuImg(t testing.TB, args ...string) {
 	t.Helper()
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("SKIP: qemu-img/qemu-io not installed (Debian package qemu-utils)")
-	}
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%v: %v: %s", args, err, out)
-	}
+	qemutest.Run(t, args[0], args[1:]...)
 }
 
 // TestQcow2ZeroHidesBacking: a zero cluster above data hides it; a

@@ -6,8 +6,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/xapi-project/xapi-qcow-tool/tests/vhdtest"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd/vhdtest"
 )
 
 // Example lists the sectors a differencing VHD stores and names its parent.

@@ -3,16 +3,15 @@ package vhd_test
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
+	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
+	"github.com/xapi-project/xapi-qcow-tool/tests/vhdtest"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
-	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd/vhdtest"
 )
 
 func open(t testing.TB, path string) (*vhd.Reader, error) {
@@ -51,17 +50,10 @@ func stored(t testing.TB, v *vhd.Reader) []vhd.Extent {
 // TestQemuDynamicVHD: what qemu-img writes and maps, we read the same way:
 // the same stored ranges at the same offsets in the file.
 func TestQemuDynamicVHD(t *testing.T) {
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("SKIP: qemu-io not installed (Debian package qemu-utils)")
-	}
+	qemutest.Need(t)
 	img := filepath.Join(t.TempDir(), "d.vhd")
-	run := func(name string, args ...string) {
-		if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-			t.Fatalf("%s %v: %v: %s", name, args, err, out)
-		}
-	}
-	run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "20M")
-	run("qemu-io", "-c", "write -P 7 0 4k", "-c", "write -P 9 6M 3M", "-c", "write 19M 512", img)
+	qemutest.Img(t, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "20M")
+	qemutest.Run(t, "qemu-io", "-f", "vpc", "-c", "write -P 7 0 4k", "-c", "write -P 9 6M 3M", "-c", "write 19M 512", img)
 	v, err := open(t, img)
 	if err != nil {
 		t.Fatal(err)
@@ -69,18 +61,7 @@ func TestQemuDynamicVHD(t *testing.T) {
 	if v.VirtualSize() != 20<<20 || v.Footer.DiskType != vhd.Dynamic || v.BlockSize() != 2<<20 {
 		t.Fatalf("size %d type %v block %d", v.VirtualSize(), v.Footer.DiskType, v.BlockSize())
 	}
-	out, err := exec.Command("qemu-img", "map", "--output=json", img).Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m []struct {
-		Start, Length int64
-		Data          bool
-		Offset        *int64
-	}
-	if err := json.Unmarshal(out, &m); err != nil {
-		t.Fatal(err)
-	}
+	m := qemutest.Map(t, img)
 	var want []vhd.Extent
 	for _, e := range m {
 		if e.Data {
