@@ -19,7 +19,7 @@ hybrid_cases() {
 	local name="$((thin >> 30)) GiB thin, $((runs * run_mib)) MiB allocated"
 	local rows=("hybrid VHD $name: first byte" "hybrid VHD $name: total"
 		"hybrid qcow2 $name: first byte" "hybrid qcow2 $name: total"
-		"hybrid VHD $name, --direct: total"
+		"hybrid VHD $name, --buffered: total"
 		"hybrid VHD vs full scan of the device" "hybrid qcow2 vs qemu-img map+info+hinted export")
 	local why=""
 	if ! have qemu-img; then
@@ -53,21 +53,25 @@ hybrid_cases() {
 	fi
 	LOOPS+=("$dev")
 	local prep="blockdev --flushbufs $dev"
+	# Block devices are read with O_DIRECT by default (issue 11), as xapi's
+	# --direct asks anyway: the limit reads the runs with dd iflag=direct.
+	# Both passes then read the allocated runs from the device (pass 1 to
+	# leave all-zero clusters out, pass 2 to send them), each with reads in
+	# flight where dd has one.
+	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
 	local dd_alloc="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
 	local mem
 	mem=$(mem_limit "$thin")
 	for fmt in VHD qcow2; do
 		img=$DIR/thin.${fmt,,}
 		local cmd="$OURS stream --source-format hybrid --source $dev:$img"
-		bench_first_byte "hybrid $fmt $name: first byte" 1.2 "$cmd" "$dd_alloc" "$prep"
-		bench "hybrid $fmt $name: total" 1.2 "$cmd | cat >/dev/null" "$dd_alloc" "$prep" "$mem"
+		bench_first_byte "hybrid $fmt $name: first byte" 1.2 "$cmd" "$dd_direct" "$prep"
+		bench "hybrid $fmt $name: total" 1.2 "$cmd | cat >/dev/null" "$dd_direct" "$prep" "$mem"
 	done
-	# xapi passes --direct: both passes then read the allocated runs from
-	# the device (pass 1 to leave zero clusters out, pass 2 to send), so
-	# the target is two reads of them with dd iflag=direct, plus a tenth.
-	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
-	bench "hybrid VHD $name, --direct: total" 2.2 \
-		"$OURS stream --direct --source-format hybrid --source $dev:$DIR/thin.vhd | cat >/dev/null" "$dd_direct" "$prep" "$mem"
+	# Through the page cache: pass 1 probes, pass 2 sends what the probes
+	# and the device's read-ahead brought in; the limit is a buffered dd.
+	bench "hybrid VHD $name, --buffered: total" 1.2 \
+		"$OURS stream --buffered --source-format hybrid --source $dev:$DIR/thin.vhd | cat >/dev/null" "$dd_alloc" "$prep" "$mem"
 	# What an export of this VDI costs without the hybrid source: a scan
 	# of the whole device, or (xapi today, qcow2-backed VDIs only) two runs
 	# of qemu-img for a map and an info, then the hinted export. The ratio
