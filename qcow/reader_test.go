@@ -839,7 +839,12 @@ func TestReaderCostFollowsInput(t *testing.T) {
 			if perRun > limit {
 				t.Errorf("a decode of a %d-byte image allocates %d bytes, more than %d", len(img), perRun, limit)
 			}
-			if slowest > 100*time.Millisecond {
+			// Wall time measures the machine as much as the code: under
+			// -race on two loaded cores a sound decode took 260 ms. The
+			// allocation bound above is the measure; this only catches a
+			// decode that loops over what the image declares, which takes
+			// seconds, not milliseconds.
+			if slowest > 2*time.Second {
 				t.Errorf("a decode of a %d-byte image took %v", len(img), slowest)
 			}
 		})
