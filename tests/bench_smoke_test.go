@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -25,6 +26,12 @@ func TestBenchSmoke(t *testing.T) {
 	cmd := exec.CommandContext(ctx, "bash", filepath.Join("bench", "bench.sh"))
 	dir := t.TempDir()
 	cmd.Env = append(os.Environ(), "BENCH_QUICK=1", "BIN="+bin, "BENCH_DOC=", "BENCH_DIR="+dir)
+	// On timeout bench.sh gets SIGTERM, not SIGKILL, so that its EXIT trap
+	// detaches the loop devices it attached; what it still leaves behind
+	// is detached here.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 10 * time.Second
+	t.Cleanup(func() { detachLoopsUnder(dir) })
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -63,5 +70,19 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(dir); len(left) > 0 {
 		t.Errorf("bench.sh left %d entries behind in its directory (images must be removed)", len(left))
+	}
+}
+
+// detachLoopsUnder detaches every loop device whose backing file lies in
+// dir (a run killed before its own clean-up would leave them attached).
+func detachLoopsUnder(dir string) {
+	out, err := exec.Command("losetup", "-a").Output()
+	if err != nil {
+		return
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if dev, _, ok := strings.Cut(line, ":"); ok && strings.Contains(line, dir) {
+			exec.Command("losetup", "-d", dev).Run()
+		}
 	}
 }
