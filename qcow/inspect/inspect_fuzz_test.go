@@ -1,0 +1,183 @@
+package inspect
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime/metrics"
+	"testing"
+	"time"
+)
+
+// The support commands read images nobody vouches for: a customer's file
+// or a stream from anywhere. Whatever the bytes, info, map and check must
+// return (no panic, no hang) with memory within fuzzHeapBound.
+
+// fuzzHeapBound is the most heap one call may add. The decoder of a
+// stream may buffer streamBuffer (64 MiB); a file's L1 (32 MiB) and
+// refcount table (8 MiB) are read whole, as bytes and as entries.
+const fuzzHeapBound = 192 << 20
+
+// fuzzHang is how long one input may take before it counts as a hang
+// (generous: the long runs share two cores with everything else).
+const fuzzHang = 60 * time.Second
+
+// inspectSeeds are qemu's images and the hostile corpus of the qcow
+// package.
+func inspectSeeds(f *testing.F) [][]byte {
+	var seeds [][]byte
+	for _, glob := range []string{"../testdata/seeds/*.qcow2", "../testdata/hostile/*.qcow2"} {
+		files, _ := filepath.Glob(glob)
+		for _, name := range files {
+			b, err := os.ReadFile(name)
+			if err != nil {
+				f.Fatal(err)
+			}
+			seeds = append(seeds, b)
+		}
+	}
+	if len(seeds) < 50 {
+		f.Fatalf("only %d seed images in ../testdata", len(seeds))
+	}
+	return seeds
+}
+
+// bounded runs fn, failing the test if it adds more than fuzzHeapBound to
+// the heap and crashing the worker (which reports the input) if it takes
+// longer than fuzzHang. The heap is sampled every millisecond: an
+// allocation large enough to matter lives longer than that while it is
+// filled.
+func bounded(t *testing.T, what string, fn func()) {
+	hang := time.AfterFunc(fuzzHang, func() { panic(fmt.Sprintf("%s: no result after %v", what, fuzzHang)) })
+	defer hang.Stop()
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	heap := func() uint64 { metrics.Read(sample); return sample[0].Value.Uint64() }
+	base := heap()
+	stop, peak := make(chan struct{}), make(chan uint64)
+	go func() {
+		var top uint64
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			top = max(top, heap())
+			select {
+			case <-stop:
+				peak <- max(top, heap())
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	fn()
+	close(stop)
+	if p := <-peak; p > base && p-base > fuzzHeapBound {
+		t.Fatalf("%s: the heap grew by %d MiB (bound %d MiB)", what, (p-base)>>20, fuzzHeapBound>>20)
+	}
+}
+
+// checkMap checks that a map covers [0, size) once, in order.
+func checkMap(t *testing.T, what string, m []MapEntry, size uint64) {
+	var pos uint64
+	for _, e := range m {
+		if e.Start != pos || e.Length == 0 || e.Length > size-pos {
+			t.Fatalf("%s: entry %+v after %#x in a %#x-byte disk", what, e, pos, size)
+		}
+		pos += e.Length
+	}
+	if pos != size && len(m) > 0 {
+		t.Fatalf("%s: the map covers %#x of %#x bytes", what, pos, size)
+	}
+}
+
+// checkInfo checks that the allocation adds up to the virtual size.
+func checkInfo(t *testing.T, what string, in *Info) {
+	a := in.Allocation
+	if sum := a.DataBytes + a.ZeroBytes + a.UnallocatedBytes; sum != in.VirtualSize {
+		t.Fatalf("%s: allocation %+v adds up to %d, not the virtual size %d", what, a, sum, in.VirtualSize)
+	}
+}
+
+// zeroTail is a file of size bytes: b, then zeros (a sparse file).
+type zeroTail struct {
+	b    []byte
+	size int64
+}
+
+func (z zeroTail) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, errors.New("negative offset")
+	}
+	if off >= z.size {
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), z.size-off))
+	clear(p[:n])
+	if off < int64(len(z.b)) {
+		copy(p[:n], z.b[off:])
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// FuzzInspectFile runs info, map and check on the bytes as a file,
+// followed by up to 256 MiB of zeros (a sparse file) so that tables may
+// point past the bytes given.
+func FuzzInspectFile(f *testing.F) {
+	for _, s := range inspectSeeds(f) {
+		f.Add(s, uint16(0))
+	}
+	f.Fuzz(func(t *testing.T, b []byte, tail uint16) {
+		file := zeroTail{b, int64(len(b)) + int64(tail)<<12}
+		bounded(t, "info", func() {
+			if in, err := InfoFile(file, file.size); err == nil {
+				checkInfo(t, "info", in)
+			}
+		})
+		bounded(t, "map", func() {
+			m, err := MapFile(file, file.size, nil)
+			if err == nil {
+				im, _ := openImage(file, file.size)
+				checkMap(t, "map", m, im.h.Size)
+			}
+		})
+		bounded(t, "check", func() {
+			res, err := CheckFile(file, file.size)
+			if err == nil && res.ExitCode() < 0 {
+				t.Fatalf("check: exit code %d", res.ExitCode())
+			}
+		})
+	})
+}
+
+// FuzzInspectStream runs info, map and check on the bytes as a stream.
+func FuzzInspectStream(f *testing.F) {
+	for _, s := range inspectSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		pipe := func() io.Reader { return struct{ io.Reader }{bytes.NewReader(b)} }
+		bounded(t, "info", func() {
+			if in, err := InfoStream(pipe()); err == nil {
+				checkInfo(t, "info", in)
+			}
+		})
+		bounded(t, "map", func() {
+			m, err := MapStream(pipe())
+			if err == nil {
+				in, _ := InfoStream(pipe())
+				checkMap(t, "map", m, in.VirtualSize)
+			}
+		})
+		bounded(t, "check", func() {
+			res, err := CheckStream(pipe())
+			if err == nil && res.ExitCode() < 0 {
+				t.Fatalf("check: exit code %d", res.ExitCode())
+			}
+		})
+	})
+}
