@@ -11,7 +11,7 @@ import (
 
 // limits on what one image can make the decoder hold, besides MaxBuffered.
 const (
-	maxBitmapChunks = 1 << 17 // host cluster bitmaps: 64 MiB each at most
+	maxBitmapChunks = 1 << 16 // host cluster bitmaps: 32 MiB each at most (2^28 host clusters)
 	minPending      = 4096
 	batchBytes      = 1 << 20 // data read and handed out at once
 	compOverhead    = 96      // bytes charged per compressed cluster in flight
@@ -186,9 +186,15 @@ func (d *decoder) checkCluster(at, host uint64, what func() string, isL2 bool) e
 		return d.errf(at, "%s points at host cluster %#x, which is already referenced", what(), host)
 	}
 	if !d.claimed.set(c) || isL2 && !d.meta.set(c) {
-		return d.wrapf(ErrNeedRandomAccess, at, "too many distinct host clusters referenced")
+		return d.errBitmapFull(at)
 	}
 	return nil
+}
+
+// errBitmapFull: the image references host clusters spread over more of
+// the file than the host bitmaps may describe.
+func (d *decoder) errBitmapFull(at uint64) error {
+	return d.errf(at, "references to host clusters spread over more than %d groups of 4096 clusters: more than the decoder may hold in memory", maxBitmapChunks)
 }
 
 // markRefcountBlock records a refcount block named by the refcount table.
@@ -207,7 +213,7 @@ func (d *decoder) markRefcountBlock(at, host uint64) error {
 		return d.errf(at, "refcount block at %#x is also used for something else", host)
 	}
 	if !d.meta.set(c) {
-		return d.wrapf(ErrNeedRandomAccess, at, "too many distinct host clusters referenced")
+		return d.errBitmapFull(at)
 	}
 	return nil
 }

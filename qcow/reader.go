@@ -9,7 +9,7 @@ import (
 type ReaderOptions struct {
 	// MaxBuffered is the number of bytes of data (and tables) that may be
 	// held in memory because they arrive before anything maps them. 0 means
-	// DefaultMaxBuffered (256 MiB).
+	// DefaultMaxBuffered (64 MiB).
 	MaxBuffered int64
 	// AllowBacking accepts images that name a backing file (import with
 	// --delta applies a diff); otherwise such images are refused with an
@@ -26,8 +26,10 @@ type ReaderOptions struct {
 	Lend func(off uint64, n int) []byte
 }
 
-// DefaultMaxBuffered is the default ReaderOptions.MaxBuffered.
-const DefaultMaxBuffered = 256 << 20
+// DefaultMaxBuffered is the default ReaderOptions.MaxBuffered. With the
+// bitmaps' cap it keeps what any image makes the decoder hold within the
+// process's memory limit (vhdcompat.MemoryLimit, docs/RELIABILITY.md).
+const DefaultMaxBuffered = 64 << 20
 
 // ExtentKind says how an extent of the guest disk reads.
 type ExtentKind uint8

@@ -20,7 +20,7 @@ type ServeCmd struct {
 	DestinationSize   int64  `name:"destination-size" help:"Size of the destination in bytes: an image larger by a cluster or more is refused before any write; larger by less (an unaligned disk whose image was rounded up) is written up to this size, if the excess reads as zeros." placeholder:"BYTES"`
 	Prezeroed         bool   `help:"The destination already reads as zeros: zeros are not written."`
 	Delta             bool   `help:"Apply a diff: leave clusters the image does not allocate untouched (zero clusters are still zeroed); a backing file is accepted."`
-	MaxBuffer         int64  `name:"max-buffer" help:"Bytes of stream data that may be held in memory before the tables say where they go (0: the decoder's default, 256 MiB)." placeholder:"BYTES"`
+	MaxBuffer         int64  `name:"max-buffer" help:"Bytes of stream data that may be held in memory before the tables say where they go (0: the decoder's default, 64 MiB)." placeholder:"BYTES"`
 	DiskIOFlags
 	ProgressFlags
 	CompatFlags
@@ -64,6 +64,9 @@ func (c *ServeCmd) Run(env *Env) error {
 	}
 	if c.MaxBuffer < 0 {
 		return &UsageError{fmt.Sprintf("--max-buffer %d must not be negative", c.MaxBuffer)}
+	}
+	if err := raiseForMaxBuffer(c.MaxBuffer); err != nil {
+		return err
 	}
 	dio, err := c.IO()
 	if err != nil {

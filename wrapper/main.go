@@ -35,6 +35,8 @@ func Main(argv []string) int {
 	// Writes to a closed stdout must come back as EPIPE, not kill us with
 	// SIGPIPE: we say what happened and exit non-zero.
 	signal.Ignore(syscall.SIGPIPE)
+	// The collector works before any cap is near (vhdcompat/memlimit.go).
+	vhdcompat.SetMemoryLimit()
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	sigs := make(chan os.Signal, 2)
