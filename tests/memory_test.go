@@ -266,7 +266,7 @@ func spreadStream() (head []byte, filler int64) {
 	be.PutUint64(head[40:], l1Offset)
 	be.PutUint64(head[48:], cs) // refcount table at cluster 1, one cluster of zeros
 	be.PutUint32(head[56:], 1)
-	be.PutUint32(head[96:], 4)   // refcount order
+	be.PutUint32(head[96:], 4)    // refcount order
 	be.PutUint32(head[100:], 104) // header length
 	for i := range tables {
 		group, j := uint64(i/8+3), uint64(i%8) // groups from 3: past the L1
