@@ -44,9 +44,11 @@ func (r *CheckResult) ExitCode() int {
 	return 0
 }
 
-func (r *CheckResult) note(format string, args ...any) {
+// note records one message; past MaxErrorMessages it only counts, without
+// formatting (a hostile image can make millions).
+func (r *CheckResult) note(prefix, format string, args ...any) {
 	if len(r.Errors) < MaxErrorMessages {
-		r.Errors = append(r.Errors, fmt.Sprintf(format, args...))
+		r.Errors = append(r.Errors, prefix+fmt.Sprintf(format, args...))
 	} else {
 		r.ErrorsNotShown++
 	}
@@ -54,17 +56,17 @@ func (r *CheckResult) note(format string, args ...any) {
 
 func (r *CheckResult) corrupt(format string, args ...any) {
 	r.Corruptions++
-	r.note("ERROR: "+format, args...)
+	r.note("ERROR: ", format, args...)
 }
 
 func (r *CheckResult) leak(format string, args ...any) {
 	r.Leaks++
-	r.note("Leaked: "+format, args...)
+	r.note("Leaked: ", format, args...)
 }
 
 func (r *CheckResult) failed(format string, args ...any) {
 	r.CheckErrors++
-	r.note("Check error: "+format, args...)
+	r.note("Check error: ", format, args...)
 }
 
 // WriteHuman prints the result for a person, in the spirit of qemu-img
@@ -122,6 +124,7 @@ type checker struct {
 	nextHost uint64
 	snaps    []qcow.Snapshot
 	snapEnd  uint64 // end of the snapshot table (unpadded)
+	tooMany  bool   // the counter is full: references are no longer counted
 }
 
 // CheckFile validates the structure of the image in r (size bytes long):
@@ -162,7 +165,7 @@ func CheckFile(r io.ReaderAt, size int64) (*CheckResult, error) {
 	}
 	c := &checker{im: im, res: res, k: newCounter(), fc: im.fileClusters(), snaps: snaps, snapEnd: snapEnd}
 	for _, n := range notes {
-		res.note("Note: %s", n)
+		res.note("Note: ", "%s", n)
 	}
 	c.run()
 	return res, nil
@@ -214,7 +217,14 @@ func (c *checker) ref(off, length uint64, r role, what string) bool {
 	}
 	first, last := off/c.im.cs, (off+length-1)/c.im.cs
 	for cl := first; cl <= last; cl++ {
-		n, old := c.k.add(cl, r)
+		n, old, ok := c.k.add(cl, r)
+		if !ok {
+			if !c.tooMany {
+				c.tooMany = true
+				c.res.failed("%s at %#x: the image references clusters spread over more than %d groups of %d: more than check counts in memory; the refcounts were not compared", what, off, maxCounterChunks, chunkLen)
+			}
+			return false
+		}
 		if n == 0 {
 			continue
 		}
@@ -256,7 +266,11 @@ func (c *checker) l1(off, entries uint64, active bool, what string) {
 	if entries == 0 {
 		return
 	}
-	if !c.ref(off, entries*8, roleL1, what) {
+	// A second L1 table in the clusters of one already walked (snapshots
+	// naming one table) is an overlap, reported by ref; walking it again
+	// would let a hostile image make us walk one table 65536 times.
+	walked := c.k.get(off/c.im.cs) > 0
+	if !c.ref(off, entries*8, roleL1, what) || walked {
 		return
 	}
 	t, err := c.im.readTable(off, entries)
@@ -435,15 +449,38 @@ func (c *checker) bitmaps() {
 // compareRefcounts compares every refcount with the references counted:
 // fewer references than the refcount is a leak, more is a corruption.
 func (c *checker) compareRefcounts() {
-	if c.rc == nil {
+	if c.rc == nil || c.tooMany {
 		return
 	}
 	rc, res := c.rc, c.res
 	var highest uint64
 	seen := false
+	past := map[uint64]pastBlock{}
 	for i := range rc.table {
 		off := rc.blockOffset(uint64(i))
 		if off == 0 {
+			continue
+		}
+		if first := uint64(i) * rc.perBlock; first >= c.fc {
+			// Clusters past the end of the file, which nothing can
+			// reference: each one with a refcount is a leak. A block is
+			// scanned once however many entries name it, or a 14 MiB image
+			// naming one 2 MiB block a million times takes hours.
+			p, scanned := past[off]
+			if !scanned {
+				var ok bool
+				if p, ok = c.scanPastBlock(i, off); !ok {
+					continue
+				}
+				past[off] = p
+				if p.leaks > 0 {
+					res.note("Leaked: ", "refcount block %d at %#x: %d clusters past the end of the file have a refcount (counted again for every entry naming it)", i, off, p.leaks)
+				}
+			}
+			if p.leaks > 0 {
+				res.Leaks += p.leaks
+				highest, seen = first+p.last, true
+			}
 			continue
 		}
 		b, err := rc.block(off)
@@ -509,4 +546,23 @@ func hasExtension(h *qcow.Header, typ uint32) bool {
 		}
 	}
 	return false
+}
+
+// pastBlock is what a refcount block says of clusters past the end of the
+// file: how many have a refcount, and the last of them.
+type pastBlock struct{ leaks, last uint64 }
+
+func (c *checker) scanPastBlock(i int, off uint64) (pastBlock, bool) {
+	var p pastBlock
+	b, err := c.rc.block(off)
+	if err != nil {
+		c.res.failed("reading refcount block %d: %v", i, err)
+		return p, false
+	}
+	for j := uint64(0); j < c.rc.perBlock; j++ {
+		if c.rc.entry(b, j) > 0 {
+			p.leaks, p.last = p.leaks+1, j
+		}
+	}
+	return p, true
 }

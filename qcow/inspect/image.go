@@ -252,13 +252,23 @@ const (
 	countMax  = 1<<roleShift - 1
 )
 
+// maxCounterChunks bounds the counters: 2^13 chunks of 16 KiB (128 MiB)
+// count the references to 2^25 host clusters, a 2 TiB image of 64 KiB
+// clusters, however a sparse file spreads them.
+const maxCounterChunks = 1 << 13
+
 func newCounter() *counter { return &counter{chunks: map[uint64]*[chunkLen]uint32{}} }
 
 // add records one reference to cluster c holding r and returns the count
 // and role it had before. Metadata wins over data as the remembered role.
-func (k *counter) add(c uint64, r role) (uint64, role) {
+// ok is false when c needs a chunk past maxCounterChunks: nothing was
+// recorded.
+func (k *counter) add(c uint64, r role) (_ uint64, _ role, ok bool) {
 	ch := k.chunks[c/chunkLen]
 	if ch == nil {
+		if len(k.chunks) >= maxCounterChunks {
+			return 0, roleNone, false
+		}
 		ch = new([chunkLen]uint32)
 		k.chunks[c/chunkLen] = ch
 	}
@@ -273,7 +283,7 @@ func (k *counter) add(c uint64, r role) (uint64, role) {
 		next++
 	}
 	*p = uint32(next) | uint32(keep)<<roleShift
-	return n, old
+	return n, old, true
 }
 
 // get returns the reference count of c.

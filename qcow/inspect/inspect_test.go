@@ -68,17 +68,17 @@ func TestCounterIsSparse(t *testing.T) {
 	k := newCounter()
 	// Clusters far apart cost one chunk each, not the span between them.
 	for _, c := range []uint64{0, 1 << 40, 1<<40 + 1, 1 << 50} {
-		if n, _ := k.add(c, roleData); n != 0 {
+		if n, _, _ := k.add(c, roleData); n != 0 {
 			t.Fatalf("cluster %d: previous count %d", c, n)
 		}
 	}
 	if len(k.chunks) != 3 {
 		t.Fatalf("%d chunks for three regions", len(k.chunks))
 	}
-	if n, r := k.add(1<<40, roleL2); n != 1 || r != roleData {
+	if n, r, _ := k.add(1<<40, roleL2); n != 1 || r != roleData {
 		t.Fatalf("second reference: previous %d %v", n, r)
 	}
-	if n, r := k.add(1<<40, roleData); n != 2 || r != roleL2 {
+	if n, r, _ := k.add(1<<40, roleData); n != 2 || r != roleL2 {
 		t.Fatalf("metadata must be remembered over data: previous %d %v", n, r)
 	}
 	if k.get(1<<40) != 3 || k.get(5) != 0 {

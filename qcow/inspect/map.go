@@ -70,6 +70,7 @@ type mapper struct {
 	out     []MapEntry
 	backing bool
 	holes   func(p piece) []piece // splits preallocated data at holes, or nil
+	err     error                 // errTooManyRuns
 }
 
 func (m *mapper) add(p piece) {
@@ -92,6 +93,10 @@ func (m *mapper) addEntry(p piece) {
 	}
 	if n := len(m.out); n > 0 && mergeable(m.out[n-1], e) {
 		m.out[n-1].Length += e.Length
+		return
+	}
+	if len(m.out) >= maxRuns {
+		m.err = errTooManyRuns
 		return
 	}
 	m.out = append(m.out, e)
@@ -129,7 +134,7 @@ func MapFile(r io.ReaderAt, size int64, holes Holes) (_ []MapEntry, err error) {
 	if err := walkFile(im, m.add); err != nil {
 		return nil, err
 	}
-	return m.out, nil
+	return m.out, m.err
 }
 
 // splitAtHoles cuts a data piece where the host file changes between data

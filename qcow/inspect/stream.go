@@ -38,7 +38,9 @@ func walkStream(r io.Reader, emit func(piece)) (*qcow.Header, error) {
 		if p.kind == qcow.ExtentUnallocated && !p.hasHost {
 			continue // gaps are filled below
 		}
-		ps = appendMerged(ps, p)
+		if ps = appendMerged(ps, p); len(ps) > maxRuns {
+			return h, errTooManyRuns
+		}
 	}
 	sort.Slice(ps, func(i, j int) bool { return ps[i].start < ps[j].start })
 	var pos uint64
@@ -77,7 +79,7 @@ func MapStream(r io.Reader) ([]MapEntry, error) {
 	for _, p := range ps {
 		m.add(p)
 	}
-	return m.out, nil
+	return m.out, m.err
 }
 
 // InfoStream describes the image streamed from r, reading all of it.

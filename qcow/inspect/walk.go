@@ -139,6 +139,13 @@ func walkFile(im *image, emit func(piece)) error {
 	return nil
 }
 
+// maxRuns bounds the runs a map (or a stream's pieces) holds in memory:
+// 2^19 of them take about 32 MiB, and their JSON about 50 MiB more.
+const maxRuns = 1 << 19
+
+// errTooManyRuns: a map of more than maxRuns runs.
+var errTooManyRuns = fmt.Errorf("the image has more than %d separate runs of data, zeros and holes: more than map holds in memory (use qemu-img map)", maxRuns)
+
 // appendMerged appends p, extending the last piece instead when p continues
 // it, so that a stream of millions of clusters keeps a few pieces per run.
 func appendMerged(ps []piece, p piece) []piece {
