@@ -86,6 +86,9 @@ func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
 	if _, err := qcow.PlanLayout(virtualSize, opt.ClusterBits, opt.RefcountOrder, 0, 0); err != nil {
 		return nil, fmt.Errorf("%s: %w", src.Path(), err)
 	}
+	if err := checkClusters(clusters, virtualSize, opt.ClusterBits); err != nil {
+		return nil, fmt.Errorf("%s: %w", src.Path(), err)
+	}
 	e := &exporter{ctx: ctx, opt: opt, cs: int64(cs), clusters: clusters, size: src.Size()}
 	var err error
 	if e.srcExt, err = e.extentsOf(src, opt.SourceExtents); err != nil {

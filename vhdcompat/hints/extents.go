@@ -16,20 +16,26 @@ type Extent struct {
 	Start, End int64
 }
 
-// MaxExtents bounds the number of extents a hint may describe, so that a
-// hostile or broken hint cannot exhaust memory (16 bytes each: 256 MiB).
-const MaxExtents = 16 << 20
+// MaxExtents bounds the number of separate extents a hint may describe,
+// so that a hostile or broken hint cannot exhaust memory: 16 bytes each,
+// 64 MiB (docs/RELIABILITY.md, "Resource bounds"). Neighbouring extents
+// are merged as they are read, so only runs separated by holes count.
+const MaxExtents = 4 << 20
 
 // Extents is a sorted list of disjoint, non-adjacent extents.
 type Extents []Extent
 
 // Normalize sorts, clips to [0, size) and merges overlapping or adjacent
-// extents.
+// extents, in place: the result uses in's memory (a hint may hold
+// MaxExtents of them).
 func Normalize(in []Extent, size int64) Extents {
 	sort.Slice(in, func(i, j int) bool { return in[i].Start < in[j].Start })
 	// Never nil: an empty hint means "nothing allocated", while nil means
 	// "no hint" to the exporter, which would then read the whole disk.
-	out := make(Extents, 0, len(in))
+	out := Extents(in[:0])
+	if out == nil {
+		out = Extents{}
+	}
 	for _, e := range in {
 		e.Start, e.End = max(e.Start, 0), min(e.End, size)
 		if e.End <= e.Start {

@@ -106,14 +106,13 @@ func parseLegacy(dec *json.Decoder) (*Legacy, error) {
 	l := &Legacy{VirtualSize: *size, ClusterBits: uint32(*bits)}
 	cs := int64(1) << l.ClusterBits
 	clusters := (l.VirtualSize + cs - 1) / cs
-	out := make([]Extent, 0, len(runs))
-	for _, c := range runs {
+	for i, c := range runs { // to bytes, in place
 		if c.End > clusters {
 			return nil, fmt.Errorf("data cluster %d is past the end of a %d-byte disk (%d clusters of %d bytes)", c.End-1, l.VirtualSize, clusters, cs)
 		}
-		out = append(out, Extent{c.Start * cs, c.End * cs})
+		runs[i] = Extent{c.Start * cs, c.End * cs}
 	}
-	l.Extents = Normalize(out, l.VirtualSize)
+	l.Extents = Normalize(runs, l.VirtualSize)
 	return l, nil
 }
 

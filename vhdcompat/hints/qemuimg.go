@@ -83,6 +83,12 @@ func parseMap(r io.Reader, size int64) (Extents, int64, error) {
 		}
 		end = max(end, e.Start+e.Length)
 		if e.Data && !e.Zero && e.Length > 0 {
+			// qemu-img lists extents in order, and splits data where the
+			// host offset jumps: merge what touches the last one.
+			if n := len(out); n > 0 && e.Start >= out[n-1].Start && e.Start <= out[n-1].End {
+				out[n-1].End = max(out[n-1].End, e.Start+e.Length)
+				continue
+			}
 			if len(out) >= MaxExtents {
 				return nil, 0, fmt.Errorf("qemu-img map JSON: more than %d extents", MaxExtents)
 			}
