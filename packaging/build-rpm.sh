@@ -56,7 +56,8 @@ fi
 # The binary, built from those sources.
 (
 	cd "$src"
-	CGO_ENABLED=0 GOOS=linux GOARCH=$goarch go build -trimpath -buildvcs=false \
+	# Static, without heap base randomisation: see GOFLAGS_STATIC in the Makefile.
+	CGO_ENABLED=0 GOEXPERIMENT=norandomizedheapbase64 GOOS=linux GOARCH=$goarch go build -trimpath -buildvcs=false \
 		-ldflags "-s -w -X github.com/xapi-project/xapi-qcow-tool/wrapper.Version=$version" \
 		-o bin/$name ./cmd/$name
 )

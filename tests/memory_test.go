@@ -296,3 +296,68 @@ func TestCapSpreadStream(t *testing.T) {
 		}
 	}
 }
+
+// smallestCap is the address-space cap every command must run under: the
+// Go runtime's floor (725 MiB, docs/RELIABILITY.md) and a little room. It
+// fails when the build loses GOEXPERIMENT=norandomizedheapbase64 (imports
+// then need 793 MiB), or when a dependency brings a large reservation.
+const smallestCap = 760 << 20
+
+// TestCapSmallest: every command, on a small disk and its image, under
+// prlimit --as=760MiB, three times each.
+func TestCapSmallest(t *testing.T) {
+	p, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Skip("SKIP: prlimit not installed (util-linux)")
+	}
+	dir := t.TempDir()
+	raw, img := filepath.Join(dir, "disk.raw"), filepath.Join(dir, "disk.qcow2")
+	fillFile(t, raw, 24<<20)
+	mustRun(t, nil, "stream", "--source", raw, "--destination", "file://"+img)
+	out := filepath.Join(dir, "out")
+	stdin := func() *os.File {
+		f, err := os.Open(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	for _, c := range []struct {
+		name  string
+		stdin bool
+		args  []string
+	}{
+		{"version", false, []string{"--version"}},
+		{"stream", false, []string{"stream", "--source", raw, "--destination", "file://" + out}},
+		{"stream-direct", false, []string{"stream", "--source", raw, "--direct", "--destination", "file://" + out}},
+		{"qcow2-to-stdout", false, []string{"qcow2-to-stdout", raw}},
+		{"serve-stdin", true, []string{"serve", "--destination", out}},
+		{"serve-file", false, []string{"serve", "--source", img, "--destination", out, "--direct"}},
+		{"stream_decode", true, []string{"stream_decode", out}},
+		{"info", false, []string{"info", img}},
+		{"map", false, []string{"map", img}},
+		{"check", false, []string{"check", img}},
+		{"check-stream", true, []string{"check", "-"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			for range 3 {
+				var in *os.File
+				if c.stdin {
+					in = stdin()
+				}
+				sink, err := os.Create(filepath.Join(dir, "stdout"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				args := append([]string{fmt.Sprintf("--as=%d", smallestCap), "--", bin}, c.args...)
+				q := startCmd(t, in, sink, args, p)
+				code := q.wait(t, 60*time.Second)
+				sink.Close()
+				if code != 0 {
+					t.Fatalf("exit %d under a %d MiB cap: %q", code, smallestCap>>20, q.stderr.String())
+				}
+			}
+		})
+	}
+}

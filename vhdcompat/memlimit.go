@@ -60,12 +60,12 @@ func RaiseMemoryLimit(n int64) {
 	debug.SetMemoryLimit(memLimit.set)
 }
 
-// runtimeReserve is the address space the process takes besides its heap:
-// the Go runtime's reservations (page summary 585 MiB, the 32 MiB arena
-// index), the binary with its 32 MiB of zeroed data, stacks, and slack.
-// With a first heap arena, that is the smallest cap the binary starts
-// under, 728 MiB (docs/RELIABILITY.md).
-const runtimeReserve = 696 << 20
+// runtimeReserve is the address space the process takes besides its heap
+// arenas: the Go runtime's reservations (page summary 585 MiB, the 32 MiB
+// arena index), the binary with its 32 MiB of zeroed data, thread stacks,
+// and slack. With a first heap arena, 725 MiB is the smallest cap the
+// binary starts under (docs/RELIABILITY.md).
+const runtimeReserve = 680 << 20
 
 // heapArena is the unit in which the Go heap takes address space.
 const heapArena = 64 << 20
