@@ -70,6 +70,14 @@ const runtimeReserve = 680 << 20
 // heapArena is the unit in which the Go heap takes address space.
 const heapArena = 64 << 20
 
+// The runtime also asks for 512 MiB for its scavenger index, and goes on
+// without it when the cap refuses it: under a cap of scavengerIndexFits or
+// more, the reservation succeeds and those 512 MiB are gone too.
+const (
+	scavengerIndex     = 512 << 20
+	scavengerIndexFits = 1136 << 20
+)
+
 // bufferCost is what the decoder may hold at most with MaxBuffered
 // maxBuffer beyond what it holds at the default: the buffer and the
 // pending references that come with it (1/128 of it, 72 bytes each).
@@ -78,12 +86,16 @@ func bufferCost(maxBuffer int64) int64 {
 	return extra + extra/128*72
 }
 
-// addressSpace is the address space a run needs with --max-buffer
-// maxBuffer: the runtime's, and the heap at the memory limit in whole
-// arenas.
-func addressSpace(maxBuffer int64) uint64 {
+// addressSpace is the address space a run under the cap limit needs with
+// --max-buffer maxBuffer: the runtime's, and the heap at the memory limit
+// in whole arenas.
+func addressSpace(maxBuffer int64, limit uint64) uint64 {
 	heap := (MemoryLimit + bufferCost(maxBuffer) + heapArena - 1) / heapArena * heapArena
-	return uint64(runtimeReserve + heap)
+	need := uint64(runtimeReserve + heap)
+	if limit >= scavengerIndexFits {
+		need += scavengerIndex
+	}
+	return need
 }
 
 // raiseForMaxBuffer raises the memory limit for what --max-buffer asks
@@ -95,17 +107,17 @@ func raiseForMaxBuffer(maxBuffer int64) error {
 		return nil
 	}
 	var rl unix.Rlimit
-	if unix.Getrlimit(unix.RLIMIT_AS, &rl) == nil && rl.Cur != unix.RLIM_INFINITY && addressSpace(maxBuffer) > rl.Cur {
+	if unix.Getrlimit(unix.RLIMIT_AS, &rl) == nil && rl.Cur != unix.RLIM_INFINITY && addressSpace(maxBuffer, rl.Cur) > rl.Cur {
 		lo, hi := int64(qcow.DefaultMaxBuffered), maxBuffer // lo fits, hi does not
 		for hi-lo > 1<<20 {
-			if mid := lo + (hi-lo)/2; addressSpace(mid) <= rl.Cur {
+			if mid := lo + (hi-lo)/2; addressSpace(mid, rl.Cur) <= rl.Cur {
 				lo = mid
 			} else {
 				hi = mid
 			}
 		}
 		return &UsageError{fmt.Sprintf("--max-buffer %d does not fit the address-space limit of %d MiB (it needs about %d MiB): at most %d MiB fits",
-			maxBuffer, rl.Cur>>20, addressSpace(maxBuffer)>>20, lo>>20)}
+			maxBuffer, rl.Cur>>20, addressSpace(maxBuffer, rl.Cur)>>20, lo>>20)}
 	}
 	RaiseMemoryLimit(bufferCost(maxBuffer))
 	return nil
