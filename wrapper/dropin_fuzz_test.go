@@ -13,6 +13,8 @@ import (
 )
 
 // dropinArgv renders parsed arguments back into one canonical command line.
+// (The corpus keeps the input that showed "--diff VALUE" is not canonical:
+// "--di=-A" is accepted, "--diff -A" is not, as with argparse.)
 func dropinArgv(a *dropinArgs) []string {
 	var argv []string
 	for _, o := range []struct{ name, v string }{
@@ -20,8 +22,10 @@ func dropinArgv(a *dropinArgs) []string {
 		{"--json-header-diff-map", a.baseMapFD}, {"--json-header-diff-info", a.baseInfoFD},
 		{"--json-header-diff", a.legacyBaseFD},
 	} {
+		// "--opt=value": argparse takes "--opt -x" for two options,
+		// while "--opt=-x" gives the option the value "-x".
 		if o.v != "" {
-			argv = append(argv, o.name, o.v)
+			argv = append(argv, o.name+"="+o.v)
 		}
 	}
 	argv = append(argv, "-c", strconv.FormatUint(a.clusterSize, 10), "-r", strconv.FormatUint(a.refcountBits, 10))
