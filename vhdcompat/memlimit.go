@@ -20,8 +20,9 @@ import (
 // The import's worst case: qcow.DefaultMaxBuffered (64 MiB) of buffered
 // stream, the two host-cluster bitmaps (34 MiB each at their cap), pending
 // references (max(MaxBuffered/128, 4096) of them, 72 bytes at most each:
-// 36 MiB), the sink's three 4 MiB buffers and the decoder's read,
-// decompression and L2 buffers (about 20 MiB): 190 MiB.
+// 36 MiB), the sink's three 4 MiB buffers (6 MiB each with their huge-page
+// alignment) and the decoder's read, decompression and L2 buffers (about
+// 26 MiB): 196 MiB.
 const MemoryLimit = 208 << 20
 
 var memLimit struct {
