@@ -115,27 +115,35 @@ func (d *Disk) probeDirect() {
 	}
 }
 
-// retryBuffered handles an error of a direct I/O: when it is a refusal of
-// O_DIRECT, the disk switches to the page cache and the caller redoes the
-// I/O.
-func (d *Disk) retryBuffered(err error) bool {
-	if !d.Direct() || !refusal(err) {
+// retryBuffered handles an error of an I/O issued while the disk was
+// direct (wasDirect): when it is a refusal of O_DIRECT, the disk switches
+// to the page cache and the caller redoes the I/O. Concurrent readers may
+// meet the refusal together: the first one switches, the others find it
+// done and retry too.
+func (d *Disk) retryBuffered(err error, wasDirect bool) bool {
+	if !wasDirect || !refusal(err) {
 		return false
-	}
-	if fl, ferr := unix.FcntlInt(d.f.Fd(), unix.F_GETFL, 0); ferr != nil || fl&unix.O_DIRECT == 0 {
-		return false // a write through the page cache (writeBuffered) failed: not a refusal
 	}
 	return d.refuseDirect(err) == nil
 }
 
+// errNotRefused says an EINVAL came from a write through the page cache
+// (writeBuffered clears O_DIRECT on the descriptor for it): it is no
+// refusal of O_DIRECT.
+var errNotRefused = errors.New("not a refusal of O_DIRECT")
+
 // refuseDirect clears O_DIRECT on the descriptor after err, once, and
-// reports the refusal. Concurrent readers may meet the refusal together:
-// the first one switches, the others find it done and retry.
+// reports the refusal; nil when the disk now runs through the page cache.
 func (d *Disk) refuseDirect(err error) error {
 	d.refuseMu.Lock()
 	defer d.refuseMu.Unlock()
 	if !d.Direct() {
 		return nil
+	}
+	if fl, ferr := unix.FcntlInt(d.f.Fd(), unix.F_GETFL, 0); ferr != nil {
+		return ferr
+	} else if fl&unix.O_DIRECT == 0 {
+		return errNotRefused
 	}
 	if serr := d.setDirect(false); serr != nil {
 		return serr

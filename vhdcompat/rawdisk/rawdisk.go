@@ -341,8 +341,9 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (d *Disk) readFull(p []byte, off int64) (int, error) {
+	direct := d.Direct()
 	n, err := pread(d.f, p, off)
-	if err != nil && n == 0 && d.retryBuffered(err) {
+	if err != nil && n == 0 && d.retryBuffered(err, direct) {
 		n, err = pread(d.f, p, off)
 	}
 	if err != nil && err != io.EOF {
@@ -356,8 +357,9 @@ func (d *Disk) readFull(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off. A short write is an error naming the offset.
 func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	direct := d.Direct()
 	n, err := pwrite(d.f, p, off)
-	if err != nil && n == 0 && d.retryBuffered(err) {
+	if err != nil && n == 0 && d.retryBuffered(err, direct) {
 		n, err = pwrite(d.f, p, off)
 	}
 	if err != nil {
