@@ -316,8 +316,9 @@ func windows(ext hints.Extents, win int64) func() (span, bool) {
 }
 
 // scan is the allocation pass: it reads each candidate cluster once (and
-// the base's bytes at the same place) and sets the clusters to store. The
-// reads run ahead of the comparison (see readahead).
+// the base's bytes at the same place), or only its probe where that is
+// enough (readProbed), and sets the clusters to store. The reads run ahead
+// of the comparison (see readahead).
 func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 	span64 := int64(e.clusters) * e.cs
 	cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
@@ -325,9 +326,6 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 		cand = e.opt.Compare.AlignOut(e.cs, span64)
 	}
 	e.total = 2 * uint64(cand.Bytes())
-	if e.canProbeScan() {
-		return e.scanProbed(data, cand)
-	}
 	width := 1
 	if e.opt.Base != nil {
 		width = 2
@@ -336,8 +334,15 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 	ra := readahead{depth: ringDepth, readers: e.readersFor(width), width: width, size: int(win), pool: &e.pool}
 	var scanned uint64
 	zero := zeroWindow[:e.cs]
+	probe := e.canProbeScan()
+	if probe {
+		ra, win = e.probeRing()
+	}
 	err := ra.run(e.ctx, windows(cand, win),
 		func(s span, bufs [][]byte) error {
+			if probe {
+				return e.readProbed(s, bufs[0])
+			}
 			if err := readMasked(e.opt.Source, e.srcExt, bufs[0], s.off); err != nil {
 				return err
 			}
