@@ -55,9 +55,9 @@ hybrid_cases() {
 	local prep="blockdev --flushbufs $dev"
 	# Block devices are read with O_DIRECT by default (issue 11), as xapi's
 	# --direct asks anyway: the limit reads the runs with dd iflag=direct.
-	# Both passes then read the allocated runs from the device (pass 1 to
-	# leave all-zero clusters out, pass 2 to send them), each with reads in
-	# flight where dd has one.
+	# Pass 1 reads a 4 KiB probe of each allocated cluster (the rest only
+	# when the probe is zeros, to leave all-zero clusters out), pass 2
+	# sends the stored clusters, each with reads in flight where dd has one.
 	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
 	local dd_alloc="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
 	local mem
