@@ -93,44 +93,45 @@ func readAll(t *testing.T, d *Disk, n int) []byte {
 	return buf[:got]
 }
 
-func TestRefusalAtOpen(t *testing.T) {
-	path, want, mode := refusalDisk(t)
-	inject(t, &openFile, func(name string, flag int, perm os.FileMode) (*os.File, error) {
-		if flag&unix.O_DIRECT != 0 {
-			return nil, &os.PathError{Op: "open", Path: name, Err: unix.EINVAL}
-		}
-		return os.OpenFile(name, flag, perm)
-	})
-	var r refusals
-	d, err := OpenWith(path, r.options(mode))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	r.check(t, d)
-	if !bytes.Equal(readAll(t, d, len(want)), want) {
-		t.Fatal("read through the page cache returned other bytes")
-	}
-}
-
-func TestRefusalAtFirstRead(t *testing.T) {
-	path, want, mode := refusalDisk(t)
-	inject(t, &pread, func(f *os.File, p []byte, off int64) (int, error) {
-		if isDirect(f) {
-			return 0, &os.PathError{Op: "read", Path: f.Name(), Err: unix.EINVAL}
-		}
-		return f.ReadAt(p, off)
-	})
-	var r refusals
-	d, err := OpenWith(path, r.options(mode))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	// The probe at open met the refusal: the engines see a buffered disk.
-	r.check(t, d)
-	if !bytes.Equal(readAll(t, d, len(want)), want) {
-		t.Fatal("read through the page cache returned other bytes")
+// TestRefusalAtStart: the refusal comes at the open or at the first read
+// (the probe at open meets it): either way the engines see a buffered disk
+// that reads the same bytes, and the refusal is told once.
+func TestRefusalAtStart(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		refuse func(t *testing.T)
+	}{
+		{"open", func(t *testing.T) {
+			inject(t, &openFile, func(name string, flag int, perm os.FileMode) (*os.File, error) {
+				if flag&unix.O_DIRECT != 0 {
+					return nil, &os.PathError{Op: "open", Path: name, Err: unix.EINVAL}
+				}
+				return os.OpenFile(name, flag, perm)
+			})
+		}},
+		{"first read", func(t *testing.T) {
+			inject(t, &pread, func(f *os.File, p []byte, off int64) (int, error) {
+				if isDirect(f) {
+					return 0, &os.PathError{Op: "read", Path: f.Name(), Err: unix.EINVAL}
+				}
+				return f.ReadAt(p, off)
+			})
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path, want, mode := refusalDisk(t)
+			tc.refuse(t)
+			var r refusals
+			d, err := OpenWith(path, r.options(mode))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			r.check(t, d)
+			if !bytes.Equal(readAll(t, d, len(want)), want) {
+				t.Fatal("read through the page cache returned other bytes")
+			}
+		})
 	}
 }
 
