@@ -5,36 +5,9 @@ import (
 	"errors"
 	"io"
 	"testing"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
 )
-
-// sparseTail is a file of size bytes whose first len(b) bytes are b and
-// the rest zeros, like a sparse file: it lets the random-access reader
-// meet tables that point far past the bytes the fuzzer gave.
-type sparseTail struct {
-	b    []byte
-	size int64
-}
-
-func (s sparseTail) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, errors.New("negative offset")
-	}
-	if off >= s.size {
-		return 0, io.EOF
-	}
-	n := len(p)
-	if int64(n) > s.size-off {
-		n = int(s.size - off)
-	}
-	clear(p[:n])
-	if off < int64(len(s.b)) {
-		copy(p[:n], s.b[off:])
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
 
 // guestPages decodes a whole image and returns its non-zero content in
 // 4 KiB pages of the guest disk; ok is false when the decoder refused the
@@ -107,8 +80,8 @@ func FuzzReaderAt(f *testing.F) {
 	}
 	opts := ReaderOptions{MaxBuffered: 1 << 20, AllowBacking: true}
 	f.Fuzz(func(t *testing.T, b []byte, tail uint32) {
-		file := sparseTail{b, int64(len(b)) + int64(tail)}
-		r, err := NewReaderAt(file, file.size, opts)
+		file := zerotail.File{B: b, Size: int64(len(b)) + int64(tail)}
+		r, err := NewReaderAt(file, file.Size, opts)
 		fromFile, fileOK := guestPages(t, r, err)
 		if tail != 0 {
 			return // the stream has no sparse tail to compare with

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"testing"
 	"time"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
 )
 
 // craftHeader writes a version 3 header with 64 KiB clusters into img.
@@ -27,7 +29,7 @@ func checkWithin(t *testing.T, img []byte) *CheckResult {
 	t.Helper()
 	done := make(chan *CheckResult, 1)
 	go func() {
-		res, err := CheckFile(zeroTail{img, int64(len(img))}, int64(len(img)))
+		res, err := CheckFile(zerotail.File{B: img, Size: int64(len(img))}, int64(len(img)))
 		if err != nil {
 			t.Error(err)
 		}
@@ -129,7 +131,7 @@ func TestMapIsBounded(t *testing.T) {
 			be.PutUint64(img[l2Off+i*cs+8*j:], 1) // zero flag; the next one is unallocated
 		}
 	}
-	if _, err := MapFile(zeroTail{img, int64(len(img))}, int64(len(img)), nil); err != errTooManyRuns {
+	if _, err := MapFile(zerotail.File{B: img, Size: int64(len(img))}, int64(len(img)), nil); err != errTooManyRuns {
 		t.Fatalf("MapFile: %v, want %v", err, errTooManyRuns)
 	}
 }

@@ -2,7 +2,6 @@ package inspect
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +9,8 @@ import (
 	"runtime/metrics"
 	"testing"
 	"time"
+
+	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
 )
 
 // The support commands read images nobody vouches for: a customer's file
@@ -100,30 +101,6 @@ func checkInfo(t *testing.T, what string, in *Info) {
 	}
 }
 
-// zeroTail is a file of size bytes: b, then zeros (a sparse file).
-type zeroTail struct {
-	b    []byte
-	size int64
-}
-
-func (z zeroTail) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, errors.New("negative offset")
-	}
-	if off >= z.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), z.size-off))
-	clear(p[:n])
-	if off < int64(len(z.b)) {
-		copy(p[:n], z.b[off:])
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
 // FuzzInspectFile runs info, map and check on the bytes as a file,
 // followed by up to 256 MiB of zeros (a sparse file) so that tables may
 // point past the bytes given.
@@ -132,21 +109,21 @@ func FuzzInspectFile(f *testing.F) {
 		f.Add(s, uint16(0))
 	}
 	f.Fuzz(func(t *testing.T, b []byte, tail uint16) {
-		file := zeroTail{b, int64(len(b)) + int64(tail)<<12}
+		file := zerotail.File{B: b, Size: int64(len(b)) + int64(tail)<<12}
 		bounded(t, "info", func() {
-			if in, err := InfoFile(file, file.size); err == nil {
+			if in, err := InfoFile(file, file.Size); err == nil {
 				checkInfo(t, "info", in)
 			}
 		})
 		bounded(t, "map", func() {
-			m, err := MapFile(file, file.size, nil)
+			m, err := MapFile(file, file.Size, nil)
 			if err == nil {
-				im, _ := openImage(file, file.size)
+				im, _ := openImage(file, file.Size)
 				checkMap(t, "map", m, im.h.Size)
 			}
 		})
 		bounded(t, "check", func() {
-			res, err := CheckFile(file, file.size)
+			res, err := CheckFile(file, file.Size)
 			if err == nil && res.ExitCode() < 0 {
 				t.Fatalf("check: exit code %d", res.ExitCode())
 			}
