@@ -135,6 +135,21 @@ func TestRefusalAtStart(t *testing.T) {
 	}
 }
 
+// refuseFromNow checks that the disk just opened is direct, then turns
+// the injected refusal on until the subtest ends (and closes the disk).
+func refuseFromNow(t *testing.T, d *Disk, err error, refuse *atomic.Bool) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	if !d.Direct() {
+		t.Fatal("not direct before the refusal")
+	}
+	refuse.Store(true)
+	t.Cleanup(func() { refuse.Store(false) })
+}
+
 // TestRefusalMidRun: the refusal comes at a read after the open (two
 // readers at once, as the export's), or at the first write: the I/O is
 // redone through the page cache and the refusal told once.
@@ -157,15 +172,7 @@ func TestRefusalMidRun(t *testing.T) {
 	t.Run("reads", func(t *testing.T) {
 		var r refusals
 		d, err := OpenWith(path, r.options(mode))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer d.Close()
-		if !d.Direct() {
-			t.Fatal("not direct before the refusal")
-		}
-		refuse.Store(true)
-		defer refuse.Store(false)
+		refuseFromNow(t, d, err, &refuse)
 		var wg sync.WaitGroup
 		errs := make([]error, 4)
 		for i := range errs {
@@ -193,15 +200,7 @@ func TestRefusalMidRun(t *testing.T) {
 	t.Run("writes", func(t *testing.T) {
 		var r refusals
 		d, err := OpenFileWith(path, 0o644, r.options(mode))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer d.Close()
-		if !d.Direct() {
-			t.Fatal("not direct before the refusal")
-		}
-		refuse.Store(true)
-		defer refuse.Store(false)
+		refuseFromNow(t, d, err, &refuse)
 		buf := AlignedBuffer(64 << 10)
 		for i := range buf {
 			buf[i] = 0x5a
