@@ -79,6 +79,17 @@ func waitPipe(t testing.TB, r *os.File, n int, p *proc) {
 	}
 }
 
+// filledExport fills dir/src.img with size bytes of fillFile's pattern
+// and exports it (stream) to dir/src.qcow2.
+func filledExport(t testing.TB, dir string, size int64) (src, img string) {
+	t.Helper()
+	src = filepath.Join(dir, "src.img")
+	fillFile(t, src, size)
+	img = filepath.Join(dir, "src.qcow2")
+	exportToFile(t, img, "stream", "--source", src)
+	return src, img
+}
+
 // fillFile writes size bytes of a non-zero pattern that differs in every
 // cluster (so every cluster is stored and none compresses to nothing).
 func fillFile(t testing.TB, path string, size int64) {

@@ -72,10 +72,7 @@ func TestFaultExportReaderGoesAway(t *testing.T) {
 // records the failure.
 func TestFaultSignals(t *testing.T) {
 	dir := t.TempDir()
-	src := filepath.Join(dir, "src.img")
-	fillFile(t, src, 24<<20)
-	img := filepath.Join(dir, "src.qcow2")
-	exportToFile(t, img, "stream", "--source", src)
+	src, img := filledExport(t, dir, 24<<20)
 	head, err := os.ReadFile(img)
 	if err != nil {
 		t.Fatal(err)
@@ -213,10 +210,7 @@ func TestFaultSourceShrinks(t *testing.T) {
 // line naming the offset of the failed write.
 func TestFaultImportNoSpace(t *testing.T) {
 	dir := t.TempDir()
-	src := filepath.Join(dir, "src.img")
-	fillFile(t, src, 12<<20)
-	img := filepath.Join(dir, "src.qcow2")
-	exportToFile(t, img, "stream", "--source", src)
+	_, img := filledExport(t, dir, 12<<20)
 	out := filepath.Join(dir, "out")
 	if err := os.Mkdir(out, 0o755); err != nil {
 		t.Fatal(err)
