@@ -340,15 +340,7 @@ func stayedDirect(t testing.TB, log string) {
 // overlay copies n bytes at off of from into to, at the same offset.
 func overlay(t testing.TB, from, to string, off, n int64) {
 	t.Helper()
-	b := readAt(t, from, off, n)
-	f, err := os.OpenFile(to, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
+	poke(t, to, off, readAt(t, from, off, n)...)
 }
 
 // TestDirectRefused runs --direct on files of a ramfs, which refuses
