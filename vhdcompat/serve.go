@@ -50,14 +50,12 @@ Examples:
 
 // Run executes the serve command.
 func (c *ServeCmd) Run(env *Env) error {
-	if c.SourceFormat != "qcow2" {
-		return &UsageError{fmt.Sprintf("--source-format %s is not supported (supported: qcow2; vhd-tool handles raw and vhd)", c.SourceFormat)}
-	}
-	if c.SourceProtocol != "none" {
-		return &UsageError{fmt.Sprintf("--source-protocol %s is not supported (supported: none)", c.SourceProtocol)}
-	}
-	if c.DestinationFormat != "raw" {
-		return &UsageError{fmt.Sprintf("--destination-format %s is not supported (supported: raw)", c.DestinationFormat)}
+	if err := onlySupported(
+		flagValue{"--source-format", c.SourceFormat, "qcow2", "qcow2; vhd-tool handles raw and vhd"},
+		flagValue{"--source-protocol", c.SourceProtocol, "none", "none"},
+		flagValue{"--destination-format", c.DestinationFormat, "raw", "raw"},
+	); err != nil {
+		return err
 	}
 	if c.DestinationSize < 0 {
 		return &UsageError{fmt.Sprintf("--destination-size %d must not be negative", c.DestinationSize)}

@@ -53,14 +53,12 @@ Examples:
 // Run executes the stream command: it translates the flags into an
 // ExportRequest.
 func (c *StreamCmd) Run(env *Env) error {
-	if c.SourceProtocol != "none" {
-		return &UsageError{fmt.Sprintf("--source-protocol %s is not supported (supported: none)", c.SourceProtocol)}
-	}
-	if c.DestinationProtocol != "none" {
-		return &UsageError{fmt.Sprintf("--destination-protocol %s is not supported (supported: none; the tar and chunked protocols are vhd-tool's)", c.DestinationProtocol)}
-	}
-	if c.DestinationFormat != "qcow2" {
-		return &UsageError{fmt.Sprintf("--destination-format %s is not supported (supported: qcow2)", c.DestinationFormat)}
+	if err := onlySupported(
+		flagValue{"--source-protocol", c.SourceProtocol, "none", "none"},
+		flagValue{"--destination-protocol", c.DestinationProtocol, "none", "none; the tar and chunked protocols are vhd-tool's"},
+		flagValue{"--destination-format", c.DestinationFormat, "qcow2", "qcow2"},
+	); err != nil {
+		return err
 	}
 	dio, err := c.IO()
 	if err != nil {
