@@ -360,12 +360,15 @@ func (d *decoder) newL2Cursor(tab []byte, at, l1idx uint64) *l2cursor {
 	return &l2cursor{tab: tab, at: at, g0: g0, n: min(d.h.L2Entries(), d.h.VirtualClusters()-g0)}
 }
 
-// next decodes the cursor's next entry and the host offset it was read
-// at; done reports that the table has been walked. Both decoders walk L2
-// tables with it.
-func (c *l2cursor) next(d *decoder) (e entry, at uint64, done bool, err error) {
+// nextL2 decodes the next entry of the L2 table *cur walks and the host
+// offset it was read at. ok is false at the end of the table, where *cur
+// is cleared (the walk moves on to the next L1 entry), and on an error.
+// Both decoders walk L2 tables with it.
+func (d *decoder) nextL2(cur **l2cursor) (e entry, at uint64, ok bool, err error) {
+	c := *cur
 	if c.i >= c.n {
-		return entry{}, 0, true, nil
+		*cur = nil
+		return entry{}, 0, false, nil
 	}
 	i := c.i
 	c.i++
@@ -377,5 +380,5 @@ func (c *l2cursor) next(d *decoder) (e entry, at uint64, done bool, err error) {
 	}
 	at = c.at + i*es
 	e, err = d.l2Entry(at, c.g0+i, raw, bm)
-	return e, at, false, err
+	return e, at, err == nil, err
 }

@@ -199,12 +199,8 @@ func (a *atState) stepL1() error {
 
 func (a *atState) stepL2() error {
 	d := a.d
-	e, _, done, err := a.l2.next(d)
-	if done {
-		a.l2 = nil
-		return nil
-	}
-	if err != nil {
+	e, _, ok, err := d.nextL2(&a.l2)
+	if !ok {
 		return err
 	}
 	if e.compressed {

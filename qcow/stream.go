@@ -257,12 +257,8 @@ func (s *streamState) startL2(tab []byte, at, l1idx uint64) {
 // stepL2 handles one entry of the L2 table being walked.
 func (s *streamState) stepL2() error {
 	d := s.d
-	e, at, done, err := s.l2.next(d)
-	if done {
-		s.l2 = nil
-		return nil
-	}
-	if err != nil {
+	e, at, ok, err := d.nextL2(&s.l2)
+	if !ok {
 		return err
 	}
 	if e.compressed {
