@@ -64,6 +64,19 @@ func storedClusters(t *testing.T, img []byte, want []byte) []int {
 	}
 }
 
+// exportStored runs the export into memory and returns the clusters the
+// image stores (their bytes checked against want), as fmt prints them,
+// with the run's result.
+func exportStored(t *testing.T, opt Options, want []byte) (string, *Result) {
+	t.Helper()
+	var out bytes.Buffer
+	res, err := Run(context.Background(), &out, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprint(storedClusters(t, out.Bytes(), want)), res
+}
+
 // TestExactExtents: the hybrid source's extents are scanned, not trusted:
 // an allocated cluster of zeros is left out, and nothing outside them is
 // read, whatever the disk holds there.
@@ -79,12 +92,8 @@ func TestExactExtents(t *testing.T) {
 				t.Skipf("SKIP: O_DIRECT refused here: %v", err)
 			}
 			defer d.Close()
-			var out bytes.Buffer
-			res, err := Run(context.Background(), &out, Options{Source: d, SourceExtents: ext, ExactExtents: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := storedClusters(t, out.Bytes(), want); fmt.Sprint(got) != "[0 3]" {
+			got, res := exportStored(t, Options{Source: d, SourceExtents: ext, ExactExtents: true}, want)
+			if got != "[0 3]" {
 				t.Fatalf("stored clusters %v, want [0 3]", got)
 			}
 			if res.ScannedBytes != 3*cl {
@@ -110,13 +119,9 @@ func TestCompareSet(t *testing.T) {
 	}
 	defer b.Close()
 	all := hints.Extents{{Start: 0, End: 4 * cl}}
-	var out bytes.Buffer
-	res, err := Run(context.Background(), &out, Options{Source: s, Base: b, SourceExtents: all, BaseExtents: all,
-		ExactExtents: true, Compare: hints.Extents{{Start: cl, End: 2 * cl}, {Start: 3 * cl, End: 4 * cl}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := storedClusters(t, out.Bytes(), raw); fmt.Sprint(got) != "[1 3]" {
+	got, res := exportStored(t, Options{Source: s, Base: b, SourceExtents: all, BaseExtents: all,
+		ExactExtents: true, Compare: hints.Extents{{Start: cl, End: 2 * cl}, {Start: 3 * cl, End: 4 * cl}}}, raw)
+	if got != "[1 3]" {
 		t.Fatalf("stored clusters %v, want [1 3]", got)
 	}
 	if res.ScannedBytes != 2*cl {
