@@ -55,9 +55,12 @@ func entryFor(p piece, backing bool) MapEntry {
 	return e
 }
 
-// mergeable is qemu-img map's rule: same flags and depth, and for entries
-// with an offset, host offsets that continue each other.
-func mergeable(a, b MapEntry) bool {
+// MergesWith reports whether qemu-img map merges next into a, the entry
+// before it: next starts where a ends, with the same flags and depth, and
+// for entries with an offset, host offsets that continue each other.
+// Every map this tool prints (qcow2 and VHD) merges by this rule.
+func (a MapEntry) MergesWith(next MapEntry) bool {
+	b := next
 	if a.Start+a.Length != b.Start || a.Depth != b.Depth || a.Present != b.Present ||
 		a.Zero != b.Zero || a.Data != b.Data || (a.Offset == nil) != (b.Offset == nil) {
 		return false
@@ -91,7 +94,7 @@ func (m *mapper) addEntry(p piece) {
 	if p.holeZero {
 		e.Zero = true
 	}
-	if n := len(m.out); n > 0 && mergeable(m.out[n-1], e) {
+	if n := len(m.out); n > 0 && m.out[n-1].MergesWith(e) {
 		m.out[n-1].Length += e.Length
 		return
 	}

@@ -126,13 +126,9 @@ func MapVHD(v *vhd.Reader, err error, holes inspect.Holes) ([]inspect.MapEntry, 
 	}
 	var out []inspect.MapEntry
 	add := func(m inspect.MapEntry) {
-		if n := len(out); n > 0 {
-			p := &out[n-1]
-			if p.Start+p.Length == m.Start && p.Depth == m.Depth && p.Present == m.Present && p.Zero == m.Zero &&
-				p.Data == m.Data && (p.Offset == nil) == (m.Offset == nil) && (p.Offset == nil || *p.Offset+p.Length == *m.Offset) {
-				p.Length += m.Length
-				return
-			}
+		if n := len(out); n > 0 && out[n-1].MergesWith(m) {
+			out[n-1].Length += m.Length
+			return
 		}
 		out = append(out, m)
 	}
