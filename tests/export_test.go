@@ -187,6 +187,29 @@ func TestSeedWalkthrough(t *testing.T) {
 	sameFiles(t, rebuilt, b)
 }
 
+// span is a byte range of a disk: off, then n bytes.
+type span struct{ off, n int64 }
+
+// changedSince makes dir/src.img, a sparse disk of size bytes with random
+// bytes (from seed) at before, copies it to dir/base.img, then writes
+// random bytes at after into the source: a disk and the base it changed
+// from, for diff exports.
+func changedSince(t testing.TB, dir string, seed, size int64, before []span, after ...span) (src, base string) {
+	t.Helper()
+	r := rand.New(rand.NewSource(seed))
+	src = filepath.Join(dir, "src.img")
+	sparseFile(t, src, size)
+	for _, s := range before {
+		writeRandom(t, r, src, s.off, s.n)
+	}
+	base = filepath.Join(dir, "base.img")
+	copyFile(t, src, base)
+	for _, s := range after {
+		writeRandom(t, r, src, s.off, s.n)
+	}
+	return src, base
+}
+
 func copyFile(t testing.TB, from, to string) {
 	t.Helper()
 	b, err := os.ReadFile(from)
@@ -298,15 +321,11 @@ func readAt(t testing.TB, path string, off, n int64) []byte {
 func TestExportBlockDevice(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	r := rand.New(rand.NewSource(5))
-	file := filepath.Join(dir, "disk.img")
-	sparseFile(t, file, 6<<20+512)
+	var before []span
 	for i := int64(0); i < 6<<20; i += 700 << 10 {
-		writeRandom(t, r, file, i, 5000)
+		before = append(before, span{i, 5000})
 	}
-	base := filepath.Join(dir, "base.img")
-	copyFile(t, file, base)
-	writeRandom(t, r, file, 3<<20, 70000)
+	file, base := changedSince(t, dir, 5, 6<<20+512, before, span{3 << 20, 70000})
 	for _, direct := range []bool{false, true} {
 		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
 			dev := loopDevice(t, file, direct)
