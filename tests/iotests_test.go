@@ -58,13 +58,19 @@ func create(opts, size string, io ...string) func(t *testing.T, dir, img string)
 	}
 }
 
-// then runs f after make.
-func then(make func(t *testing.T, dir, img string) string, f func(t *testing.T, img string, l qcowLayout)) func(t *testing.T, dir, img string) string {
+// after runs f on the image once make has built it: the row constructor
+// for images that qemu-img and qemu-io shape further.
+func after(make func(t *testing.T, dir, img string) string, f func(t *testing.T, img string)) func(t *testing.T, dir, img string) string {
 	return func(t *testing.T, dir, img string) string {
 		base := make(t, dir, img)
-		f(t, img, layoutOf(t, img))
+		f(t, img)
 		return base
 	}
+}
+
+// then runs f after make, with the layout of the image make built.
+func then(make func(t *testing.T, dir, img string) string, f func(t *testing.T, img string, l qcowLayout)) func(t *testing.T, dir, img string) string {
+	return after(make, func(t *testing.T, img string) { f(t, img, layoutOf(t, img)) })
 }
 
 // withBacking makes a backing image base.qcow2 (qemu-img create options
@@ -98,36 +104,28 @@ func iotestCases() []iotestCase {
 		}
 	}
 	snapshotted := func(compat string, n int) func(t *testing.T, dir, img string) string {
-		return func(t *testing.T, dir, img string) string {
-			create(compat, "4M", "write -P 0x11 0 192k")(t, dir, img)
+		return after(create(compat, "4M", "write -P 0x11 0 192k"), func(t *testing.T, img string) {
 			for i := range n {
 				qemutest.Img(t, "snapshot", "-c", fmt.Sprintf("sn%d", i), img)
 				qemutest.IO(t, img, fmt.Sprintf("write -P 0x%x %dk 64k", 0x20+i, 64*i))
 			}
-			return ""
-		}
+		})
 	}
 	return []iotestCase{
 		// 029: snapshots whose L1 table differs from the active one, VM state.
-		{"029", "snapshot with a smaller L1, VM state written, snapshot applied", valid, func(t *testing.T, dir, img string) string {
-			create("", "4M")(t, dir, img)
+		{"029", "snapshot with a smaller L1, VM state written, snapshot applied", valid, after(create("", "4M"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.IO(t, img, "write -b 0 4k", "write -P 0x29 1M 64k")
 			qemutest.Img(t, "snapshot", "-a", "foo", img)
-			return ""
-		}, false, false},
-		{"029", "1 KiB clusters, 4 MiB of VM state, snapshot applied", valid, func(t *testing.T, dir, img string) string {
-			create("cluster_size=1024", "1M", "write -P 0x29 0 8k")(t, dir, img)
+		}), false, false},
+		{"029", "1 KiB clusters, 4 MiB of VM state, snapshot applied", valid, after(create("cluster_size=1024", "1M", "write -P 0x29 0 8k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.IO(t, img, "write -b 0 4M")
 			qemutest.Img(t, "snapshot", "-a", "foo", img)
-			return ""
-		}, false, false},
-		{"029", "VM state at 1 TiB", valid, func(t *testing.T, dir, img string) string {
-			create("", "4M", "write -P 0x11 0 64k", "write -b -P 0x11 1T 4k")(t, dir, img)
+		}), false, false},
+		{"029", "VM state at 1 TiB", valid, after(create("", "4M", "write -P 0x11 0 64k", "write -b -P 0x11 1T 4k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"029", "512-byte clusters, size and L1 shrunk under a snapshot", valid, then(create("cluster_size=512", "4M", "write -P 0x29 0 512"), func(t *testing.T, img string, l qcowLayout) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			pokeBE(t, img, hdrSize, 8, 512)
@@ -177,15 +175,13 @@ func iotestCases() []iotestCase {
 				t.Fatal(err)
 			}
 		}), false, false},
-		{"060", "data cluster reference into an inactive L2 table", damaged, func(t *testing.T, dir, img string) string {
-			create("", "4M", "write -P 1 0 512")(t, dir, img)
+		{"060", "data cluster reference into an inactive L2 table", damaged, after(create("", "4M", "write -P 1 0 512"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.IO(t, img, "write -P 2 0 512")
 			sn := snapshotEntries(t, img)[0][0]
 			oldL2 := peekBE(t, img, int64(peekBE(t, img, sn, 8)), 8) & offsetMask
 			pokeBE(t, img, layoutOf(t, img).l2, 8, top|oldL2)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"060", "unaligned L1 entry", damaged, then(create("", "4M", "write 0 64k"), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, l.l1, 8, top|uint64(l.l2)|0x2a00)
 		}), false, false},
@@ -229,58 +225,44 @@ func iotestCases() []iotestCase {
 		}), false, false},
 
 		// 061: images qemu-img amend rewrote.
-		{"061", "zero clusters expanded by a downgrade to compat=0.10", valid, func(t *testing.T, dir, img string) string {
-			create("compat=1.1,lazy_refcounts=on", "4M", "write -P 0x61 0 256k", "write -z 0 128k", "write -z 2M 128k")(t, dir, img)
+		{"061", "zero clusters expanded by a downgrade to compat=0.10", valid, after(create("compat=1.1,lazy_refcounts=on", "4M", "write -P 0x61 0 256k", "write -z 0 128k", "write -z 2M 128k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "amend", "-o", "compat=0.10", img)
-			return ""
-		}, false, false},
-		{"061", "dirty image (lazy refcounts, qemu-io killed)", valid, func(t *testing.T, dir, img string) string {
-			create("compat=1.1,lazy_refcounts=on", "4M")(t, dir, img)
+		}), false, false},
+		{"061", "dirty image (lazy refcounts, qemu-io killed)", valid, after(create("compat=1.1,lazy_refcounts=on", "4M"), func(t *testing.T, img string) {
 			qemuMay("qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "sigraise 9", img)
 			if peekBE(t, img, hdrIncompat, 8)&1 == 0 {
 				t.Fatal("the image is not dirty")
 			}
-			return ""
-		}, false, false},
-		{"061", "dirty image downgraded to compat=0.10", valid, func(t *testing.T, dir, img string) string {
-			create("compat=1.1,lazy_refcounts=on", "4M")(t, dir, img)
+		}), false, false},
+		{"061", "dirty image downgraded to compat=0.10", valid, after(create("compat=1.1,lazy_refcounts=on", "4M"), func(t *testing.T, img string) {
 			qemuMay("qemu-io", "-f", "qcow2", "-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "sigraise 9", img)
 			qemutest.Img(t, "amend", "-o", "compat=0.10", img)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"061", "unknown compatible and autoclear bits", valid, then(create("compat=1.1", "4M", "write -P 0x61 64k 64k"), func(t *testing.T, img string, l qcowLayout) {
 			setFeatureBit(t, img, hdrCompat, 42)
 			setFeatureBit(t, img, hdrAutoclear, 42)
 		}), false, false},
-		{"061", "upgraded to compat=1.1 and grown by amend", valid, func(t *testing.T, dir, img string) string {
-			create("compat=0.10", "4M", "write -P 0x2a 3M 64k")(t, dir, img)
+		{"061", "upgraded to compat=1.1 and grown by amend", valid, after(create("compat=0.10", "4M", "write -P 0x2a 3M 64k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "amend", "-o", "compat=1.1,lazy_refcounts=on,size=8M", img)
-			return ""
-		}, false, false},
-		{"061", "resized with snapshots, snapshot applied", valid, func(t *testing.T, dir, img string) string {
-			create("compat=0.10", "2M", "write -P 0x2a 1M 64k")(t, dir, img)
+		}), false, false},
+		{"061", "resized with snapshots, snapshot applied", valid, after(create("compat=0.10", "2M", "write -P 0x2a 1M 64k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.Img(t, "amend", "-o", "compat=1.1,size=8M", img)
 			qemutest.Img(t, "snapshot", "-c", "bar", img)
 			qemutest.IO(t, img, "write -P 0x61 6M 64k")
 			qemutest.Img(t, "resize", "--shrink", img, "4M")
 			qemutest.Img(t, "snapshot", "-a", "bar", img)
-			return ""
-		}, false, false},
-		{"061", "zero clusters under a snapshot expanded by a downgrade", valid, func(t *testing.T, dir, img string) string {
-			create("compat=1.1", "4M", "write -z 0 128k")(t, dir, img)
+		}), false, false},
+		{"061", "zero clusters under a snapshot expanded by a downgrade", valid, after(create("compat=1.1", "4M", "write -z 0 128k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.IO(t, img, "write -P 0x2a 0 128k")
 			qemutest.Img(t, "amend", "-o", "compat=0.10", img)
-			return ""
-		}, false, false},
+		}), false, false},
 
 		// 080: header fields out of range; qemu refuses to open.
 		{"080", "huge header_length", damaged, pokeThen(create("", "4M"), pokeAt(hdrHeaderLength, 4, 0xffffffff)), false, false},
 		{"080", "header_length 0x7fffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrHeaderLength, 4, 0x7fffffff)), false, false},
-		{"080", "backing file offset past the cluster", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrBackingOffset, 8, 0xffffffffffffffff)
-		}), false, false},
+		{"080", "backing file offset past the cluster", damaged, pokeThen(create("", "4M"), pokeAt(hdrBackingOffset, 8, 0xffffffffffffffff)), false, false},
 		{"080", "huge unknown header extension", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
 			start, _, _ := headerExts(t, img)
 			pokeBE(t, img, start, 4, 0x12345678)
@@ -289,29 +271,17 @@ func iotestCases() []iotestCase {
 		{"080", "refcount_table_clusters 0xffffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrRTClusters, 4, 0xffffffff)), false, false},
 		{"080", "refcount_table_clusters 0x20001", damaged, pokeThen(create("", "4M"), pokeAt(hdrRTClusters, 4, 0x20001)), false, false},
 		{"080", "misaligned refcount table", damaged, pokeThen(create("", "4M"), pokeAt(hdrRTOffset, 8, 0x1234567890abcdef)), false, false},
-		{"080", "huge refcount table offset", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrRTOffset, 8, 0xffffffffffff0000)
-			pokeBE(t, img, hdrRTClusters, 4, 0x7f)
-		}), false, false},
+		{"080", "huge refcount table offset", damaged, pokeThen(create("", "4M"), pokeAt(hdrRTOffset, 8, 0xffffffffffff0000), pokeAt(hdrRTClusters, 4, 0x7f)), false, false},
 		{"080", "nb_snapshots 0xffffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrNbSnapshots, 4, 0xffffffff)), false, false},
 		{"080", "nb_snapshots 0x7fffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrNbSnapshots, 4, 0x7fffffff)), false, false},
-		{"080", "snapshot table offset overflows", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrSnapOffset, 8, 0xffffffffffff0000)
-			pokeBE(t, img, hdrNbSnapshots, 4, 0xffff)
-		}), false, false},
+		{"080", "snapshot table offset overflows", damaged, pokeThen(create("", "4M"), pokeAt(hdrSnapOffset, 8, 0xffffffffffff0000), pokeAt(hdrNbSnapshots, 4, 0xffff)), false, false},
 		{"080", "misaligned snapshot table offset, no snapshots", damaged, pokeThen(create("", "4M"), pokeAt(hdrSnapOffset, 8, 0x1234567890abcdef)), false, false},
 		// (080 puts 65536 entries there: qemu takes half a minute to read
 		// them; 256 show the same.)
-		{"080", "snapshot table past the end of the file", damaged, then(create("", "4M", "write -P 0x80 0 64k"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrSnapOffset, 8, 0x1000000)
-			pokeBE(t, img, hdrNbSnapshots, 4, 0x100)
-		}), true, false},
+		{"080", "snapshot table past the end of the file", damaged, pokeThen(create("", "4M", "write -P 0x80 0 64k"), pokeAt(hdrSnapOffset, 8, 0x1000000), pokeAt(hdrNbSnapshots, 4, 0x100)), true, false},
 		{"080", "l1_size 0xffffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrL1Size, 4, 0xffffffff)), false, false},
 		{"080", "l1_size 0x7fffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrL1Size, 4, 0x7fffffff)), false, false},
-		{"080", "L1 table offset overflows", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrL1Offset, 8, 0x7fffffffffff0000)
-			pokeBE(t, img, hdrL1Size, 4, 0xffff)
-		}), false, false},
+		{"080", "L1 table offset overflows", damaged, pokeThen(create("", "4M"), pokeAt(hdrL1Offset, 8, 0x7fffffffffff0000), pokeAt(hdrL1Size, 4, 0xffff)), false, false},
 		{"080", "misaligned L1 table", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, hdrL1Offset, 8, 0x1234567890abcdef)
 			pokeBE(t, img, hdrL1Size, 4, 1)
@@ -320,49 +290,36 @@ func iotestCases() []iotestCase {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			pokeBE(t, img, hdrL1Size, 4, 0)
 		}), false, false},
-		{"080", "backing file name size 0xffffffff", damaged, then(create("", "4M"), func(t *testing.T, img string, l qcowLayout) {
-			pokeBE(t, img, hdrBackingOffset, 8, 0x1000)
-			pokeBE(t, img, hdrBackingSize, 4, 0xffffffff)
-		}), false, false},
+		{"080", "backing file name size 0xffffffff", damaged, pokeThen(create("", "4M"), pokeAt(hdrBackingOffset, 8, 0x1000), pokeAt(hdrBackingSize, 4, 0xffffffff)), false, false},
 		{"080", "L2 entry: compressed, huge offset", damaged, then(create("", "4M", "write 0 512"), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, l.l2, 8, 0xbfffffffffff0000)
 		}), false, false},
 		{"080", "L2 entry: huge physical offset", damaged, then(create("", "4M", "write 0 512"), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, l.l2, 8, 0x800000ffffff0000)
 		}), false, false},
-		{"080", "snapshot L1 table offset unaligned", damaged, func(t *testing.T, dir, img string) string {
-			create("", "4M", "write 0 512")(t, dir, img)
+		{"080", "snapshot L1 table offset unaligned", damaged, after(create("", "4M", "write 0 512"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "test", img)
 			pokeBE(t, img, snapshotEntries(t, img)[0][0], 8, 0x400200)
-			return ""
-		}, false, false},
-		{"080", "snapshot L1 table too large", damaged, func(t *testing.T, dir, img string) string {
-			create("", "4M", "write 0 512")(t, dir, img)
+		}), false, false},
+		{"080", "snapshot L1 table too large", damaged, after(create("", "4M", "write 0 512"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "test", img)
 			pokeBE(t, img, snapshotEntries(t, img)[0][0]+8, 4, 0x10000000)
-			return ""
-		}, false, false},
+		}), false, false},
 
 		// 102: an image file cut short.
-		{"102", "file truncated before its only data cluster", damaged, func(t *testing.T, dir, img string) string {
-			create("", "64k", "write -P 0x66 0 64k")(t, dir, img)
+		{"102", "file truncated before its only data cluster", damaged, after(create("", "64k", "write -P 0x66 0 64k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "resize", "-f", "raw", "--shrink", img, fmt.Sprint(5*64<<10))
-			return ""
-		}, false, false},
+		}), false, false},
 
 		// 112: refcount widths.
-		{"112", "1-bit refcounts, snapshot refused", valid, func(t *testing.T, dir, img string) string {
-			create("refcount_bits=1", "4M", "write -P 0x12 0 512")(t, dir, img)
+		{"112", "1-bit refcounts, snapshot refused", valid, after(create("refcount_bits=1", "4M", "write -P 0x12 0 512"), func(t *testing.T, img string) {
 			qemuMay("qemu-img", "snapshot", "-c", "foo", img)
-			return ""
-		}, false, false},
-		{"112", "2-bit refcounts, three snapshots (the third refused)", valid, func(t *testing.T, dir, img string) string {
-			create("refcount_bits=2", "4M", "write -P 0x12 0 512")(t, dir, img)
+		}), false, false},
+		{"112", "2-bit refcounts, three snapshots (the third refused)", valid, after(create("refcount_bits=2", "4M", "write -P 0x12 0 512"), func(t *testing.T, img string) {
 			for _, s := range []string{"foo", "bar", "baz"} {
 				qemuMay("qemu-img", "snapshot", "-c", s, img)
 			}
-			return ""
-		}, false, false},
+		}), false, false},
 		{"112", "1-bit refcounts, compressed clusters", valid, create("refcount_bits=1", "4M", "write -P 0 -c 0 64k", "write -P 1 -c 64k 64k"), false, false},
 		{"112", "64-bit refcount with its top bit set", damaged, then(create("refcount_bits=64", "4M", "write 0 512"), func(t *testing.T, img string, l qcowLayout) {
 			data := int64(peekBE(t, img, l.l2, 8) & offsetMask)
@@ -377,13 +334,11 @@ func iotestCases() []iotestCase {
 		}), false, false},
 		// (qemu-img amend to 1 or 64 bits costs seconds of CPU at any
 		// image size: one amend, to 2 bits, shows the rewritten layout.)
-		{"112", "amended 16 -> 2 refcount bits, with a snapshot", valid, func(t *testing.T, dir, img string) string {
-			create("", "4M", "write -P 0x12 1M 2M")(t, dir, img)
+		{"112", "amended 16 -> 2 refcount bits, with a snapshot", valid, after(create("", "4M", "write -P 0x12 1M 2M"), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-c", "foo", img)
 			qemutest.IO(t, img, "write -P 0x13 0 1M")
 			qemutest.Img(t, "amend", "-o", "refcount_bits=2", img)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"112", "two L2 entries for one data cluster, 1-bit refcounts", damaged, then(create("refcount_bits=1", "4M", "write -P 0x12 0 64k"), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, l.l2+8, 8, peekBE(t, img, l.l2, 8))
 		}), false, false},
@@ -432,13 +387,11 @@ func iotestCases() []iotestCase {
 			poke(t, img, l.l2, 0x7f, 0xfe)
 			poke(t, img, l.l2+8, 0x7f, 0xfe)
 		}), false, false},
-		{"214", "compressed data spanning several clusters", valid, func(t *testing.T, dir, img string) string {
-			create("cluster_size=65536", "2M")(t, dir, img)
+		{"214", "compressed data spanning several clusters", valid, after(create("cluster_size=65536", "2M"), func(t *testing.T, img string) {
 			for _, w := range []string{"write -P 0xbb 0 224k", "write -P 0xcc 272k 224k"} {
 				qemutest.Run(t, "qemu-io", "-c", w, "--image-opts", "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename="+img)
 			}
-			return ""
-		}, false, false},
+		}), false, false},
 
 		// 217: a snapshot deletion that failed half way: leaks.
 		{"217", "snapshot deleted with an I/O error on freeing (leaks)", valid, func(t *testing.T, dir, img string) string {
@@ -455,11 +408,9 @@ func iotestCases() []iotestCase {
 		// 244 and 289: external data files.
 		{"244", "external data file named in the image", refused, dataFile("", "write -P 0x11 1M 1M"), false, false},
 		{"244", "external data file, data_file_raw", refused, dataFile("data_file_raw=on", "write -P 0x11 1M 1M", "write -z 2M 1M"), false, false},
-		{"244", "external data file required, name removed", refused, func(t *testing.T, dir, img string) string {
-			dataFile("", "write -P 0x11 0 64k")(t, dir, img)
+		{"244", "external data file required, name removed", refused, after(dataFile("", "write -P 0x11 0 64k"), func(t *testing.T, img string) {
 			qemutest.Img(t, "amend", "-o", "data_file=", img)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"289", "64 KiB image, one cluster in its external data file", refused, dataFile("", "write -P 0x89 0 64k"), false, false},
 
 		// 261: snapshot table entries.
@@ -480,11 +431,9 @@ func iotestCases() []iotestCase {
 			pokeBE(t, img, hdrHeaderLength, 4, 104)
 			pokeBE(t, img, hdrRefcountOrder, 4, 4)
 		}), false, false},
-		{"261", "a snapshot deleted from the middle", valid, func(t *testing.T, dir, img string) string {
-			snapshotted("compat=1.1", 3)(t, dir, img)
+		{"261", "a snapshot deleted from the middle", valid, after(snapshotted("compat=1.1", 3), func(t *testing.T, img string) {
 			qemutest.Img(t, "snapshot", "-d", "sn1", img)
-			return ""
-		}, false, false},
+		}), false, false},
 		{"261", "64 KiB of unknown extra data in a snapshot entry", damaged, then(snapshotted("compat=1.1", 4), func(t *testing.T, img string, l qcowLayout) {
 			pokeBE(t, img, snapshotEntries(t, img)[3][0]+36, 4, 0x10000)
 		}), true, false},
@@ -576,9 +525,13 @@ func iotestCases() []iotestCase {
 	}
 }
 
-// pokeThen is then for a single poke.
-func pokeThen(make func(t *testing.T, dir, img string) string, f func(t *testing.T, img string, l qcowLayout)) func(t *testing.T, dir, img string) string {
-	return then(make, f)
+// pokeThen is then for header pokes, made in order.
+func pokeThen(make func(t *testing.T, dir, img string) string, pokes ...func(t *testing.T, img string, l qcowLayout)) func(t *testing.T, dir, img string) string {
+	return then(make, func(t *testing.T, img string, l qcowLayout) {
+		for _, poke := range pokes {
+			poke(t, img, l)
+		}
+	})
 }
 
 // importMode is one way an image reaches the import.
