@@ -110,20 +110,29 @@ skip() {
 	printf '  %-44s SKIP: %s\n' "$1" "$3" >&2
 }
 
-# bench NAME TARGET OURS_CMD LIMIT_CMD [PREP_CMD] [MEM_LIMIT_KIB]: RUNS
-# interleaved runs in alternating order, PREP_CMD before each (untimed).
-bench() {
-	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=${5:-:} memlim=${6:-0}
-	local o=() l=() i rss=0 t
+# interleave TIMER OURS_CMD LIMIT_CMD PREP_CMD: RUNS runs of each in
+# alternating order, PREP_CMD before each (untimed), ours timed by TIMER
+# (timed, or first_byte); the times go to the caller's arrays o and l.
+interleave() {
+	local timer=$1 ours_cmd=$2 limit_cmd=$3 prep=$4 i t
+	o=() l=()
 	for ((i = 0; i < RUNS; i++)); do
 		if ((i % 2 == 1)); then
 			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
 		fi
-		run "$prep"; t=$(timed "$ours_cmd") || exit 1; o+=("$t")
+		run "$prep"; t=$("$timer" "$ours_cmd") || exit 1; o+=("$t")
 		if ((i % 2 == 0)); then
 			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
 		fi
 	done
+}
+
+# bench NAME TARGET OURS_CMD LIMIT_CMD [PREP_CMD] [MEM_LIMIT_KIB]: RUNS
+# interleaved runs in alternating order, PREP_CMD before each (untimed).
+bench() {
+	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=${5:-:} memlim=${6:-0}
+	local o=() l=() rss=0
+	interleave timed "$ours_cmd" "$limit_cmd" "$prep"
 	: >"$RSSFILE"
 	run "$prep"; run "$(ours_rss "$ours_cmd")"; rss=$(peak_rss)
 	run "$prep"

@@ -102,16 +102,8 @@ first_byte() {
 # bench_first_byte NAME TARGET OURS_CMD LIMIT_CMD PREP_CMD: as bench, timing
 # ours to its first byte of output.
 bench_first_byte() {
-	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=$5 o=() l=() i t
-	for ((i = 0; i < RUNS; i++)); do
-		if ((i % 2 == 1)); then
-			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
-		fi
-		run "$prep"; t=$(first_byte "$ours_cmd") || exit 1; o+=("$t")
-		if ((i % 2 == 0)); then
-			run "$prep"; t=$(timed "$limit_cmd") || exit 1; l+=("$t")
-		fi
-	done
+	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=$5 o=() l=()
+	interleave first_byte "$ours_cmd" "$limit_cmd" "$prep"
 	record "$name" "$(median "${o[@]}")" "$(median "${l[@]}")" "$target" "-"
 }
 
