@@ -6,7 +6,7 @@ import (
 	"io"
 	"testing"
 
-	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
+	"github.com/xapi-project/xapi-qcow-tool/tests/zerotail"
 )
 
 // guestPages decodes a whole image and returns its non-zero content in

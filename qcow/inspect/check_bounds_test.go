@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
+	"github.com/xapi-project/xapi-qcow-tool/tests/zerotail"
 )
 
 // craftHeader writes a version 3 header with 64 KiB clusters into img.

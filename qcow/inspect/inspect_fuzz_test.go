@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xapi-project/xapi-qcow-tool/qcow/internal/zerotail"
+	"github.com/xapi-project/xapi-qcow-tool/tests/zerotail"
 )
 
 // The support commands read images nobody vouches for: a customer's file
