@@ -137,7 +137,9 @@ type openedExport struct {
 	SourceExtents       hints.Extents
 	BaseExtents         hints.Extents
 	ExactExtents        bool          // the extents come from the image behind the disk (hybrid)
-	Compare             hints.Extents // hybrid with a base: the only clusters that may differ
+	Compare             hints.Extents // a diff against an image: the only clusters that may differ
+	DetectZeros         bool          // probe a trusted allocation, leave all-zero clusters out
+	BaseName            string        // the base image of a diff without a base disk, for the log
 	Changed             *bitmap.Bitmap
 	Progress            func(done, total uint64)
 	RefuseTerminal      bool
@@ -168,6 +170,9 @@ func (r *openedExport) run(env *Env) error {
 	if r.Base != nil {
 		attrs = append(attrs, "base", r.Base.Path())
 	}
+	if r.BaseName != "" {
+		attrs = append(attrs, "base_image", r.BaseName)
+	}
 	log.Info("export started", attrs...)
 	if r.Source.Direct() {
 		SpareProcForIO()
@@ -176,7 +181,7 @@ func (r *openedExport) run(env *Env) error {
 	res, err := export.Run(env.Ctx, r.Out, export.Options{
 		Source: r.Source, Base: r.Base, ClusterBits: r.ClusterBits, RefcountOrder: r.RefcountOrder,
 		BackingFile: r.BackingFile, SourceExtents: r.SourceExtents, BaseExtents: r.BaseExtents,
-		ExactExtents: r.ExactExtents, Compare: r.Compare, Changed: r.Changed, Progress: r.Progress,
+		ExactExtents: r.ExactExtents, Compare: r.Compare, DetectZeros: r.DetectZeros, Changed: r.Changed, Progress: r.Progress,
 	})
 	if err != nil {
 		var oe *export.OutputError

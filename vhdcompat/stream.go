@@ -18,7 +18,7 @@ type StreamCmd struct {
 	DestinationFD       *int   `name:"destination-fd" help:"Write the stream to this open descriptor." placeholder:"N"`
 	DestinationFormat   string `default:"qcow2" help:"Format of the stream (qcow2)."`
 	DestinationProtocol string `default:"none" help:"Protocol of the stream (none)."`
-	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk (with --source-format hybrid: BASE_DEVICE:BASE_IMAGE, or a raw disk alone)." placeholder:"BASE"`
+	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk, compared byte for byte. With --source-format hybrid: the base's VHD or qcow2 image (as vhd-tool takes it), or BASE_DEVICE:BASE_IMAGE; the diff comes from the two chains' metadata and no base device is read; a base that is not an image is refused." placeholder:"BASE"`
 	ClusterSize         uint64 `default:"65536" help:"Cluster size in bytes: a power of two from 512 to 2097152."`
 	RefcountBits        uint64 `default:"16" help:"Refcount width in bits: a power of two from 1 to 64."`
 	BackingFile         string `help:"Name this file as the image's raw backing file (a diff qemu-img can read whole)." placeholder:"NAME"`

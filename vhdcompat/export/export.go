@@ -33,23 +33,37 @@ type Options struct {
 	RefcountOrder uint32 // default 4 (16-bit refcounts)
 	BackingFile   string // name Base as the image's raw backing file
 
-	// SourceExtents, when non-nil, is where the source holds data (e.g.
-	// from qemu-img map). Bytes outside it are taken as zeros and are never
-	// read, even if the raw view holds something there. Without a Base,
-	// every cluster it touches is stored without an allocation pass. When
-	// nil, the source's own SEEK_DATA extents are scanned (a block device:
-	// all of it).
+	// SourceExtents, when non-nil, is where the source holds data (from
+	// the image behind it: qemu-img map, an image chain, a server's block
+	// status). Bytes outside it are taken as zeros and are never read, even
+	// if the raw view holds something there. Without a Base disk it is
+	// trusted: every cluster it touches is stored as read, each byte read
+	// once, with no allocation pass (unless DetectZeros). When nil, the
+	// source's own SEEK_DATA extents are scanned (a block device: all of
+	// it) and all-zero clusters are left out.
 	SourceExtents hints.Extents
-	BaseExtents   hints.Extents
+	// BaseExtents is where the base holds data. With a Base disk it masks
+	// the base's reads; without one (and with ExactExtents) it makes the
+	// export a diff against the image it describes, decided from the
+	// allocation alone: see Compare.
+	BaseExtents hints.Extents
 	// ExactExtents says SourceExtents (and BaseExtents) come from the
-	// image behind the disk (the hybrid source), in whole clusters: the
-	// allocation pass still reads them, so that all-zero clusters are left
-	// out, and may probe them like SEEK_DATA extents.
+	// metadata of the image behind the disk, in whole clusters: outside
+	// them the image reads as zeros, so DetectZeros may probe a cluster's
+	// first block instead of reading it whole.
 	ExactExtents bool
-	// Compare, when non-nil with a Base, is the only clusters that may
-	// differ from it (the rest are the same images on both sides): the
-	// allocation pass reads nothing else.
+	// Compare, with ExactExtents and no Base disk, is the clusters that
+	// may differ from the base image: those either chain writes above the
+	// images they share (nil when they share nothing: then every cluster
+	// of SourceExtents or BaseExtents). The diff stores each of them, read
+	// from the source where SourceExtents has data and as a zero cluster,
+	// unread, where it has none; no base disk is read.
 	Compare hints.Extents
+	// DetectZeros reads the clusters a trusted allocation names before
+	// storing them and leaves out those that read as zeros (in a diff,
+	// stores them as zero clusters): fewer bytes on the link for a second
+	// read of the allocated data.
+	DetectZeros bool
 
 	// Changed, when non-nil, is the set of clusters that changed (from a
 	// changed block tracking bitmap). Exactly these clusters are stored,
@@ -95,21 +109,31 @@ func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
 		return nil, err
 	}
 	data := bitmap.New(clusters)
+	var zero *bitmap.Bitmap // a diff's clusters that read as zeros
 	res := &Result{}
 	switch {
 	case opt.Changed != nil:
 		for g, ok := opt.Changed.NextSet(0); ok && g < clusters; g, ok = opt.Changed.NextSet(g + 1) {
 			data.Set(g)
 		}
-	case opt.SourceExtents != nil && opt.Base == nil && !opt.ExactExtents:
-		// The hint names the allocated clusters of the image behind the
-		// source: store them without an allocation pass, so the export
-		// reads each allocated byte once and takes the time of one read
-		// of the data (the reference exporter trusts its map the same
-		// way). A cluster the map calls data that holds zeros is stored
-		// as zeros, which costs bytes, never correctness.
-		for _, x := range e.srcExt.AlignOut(e.cs, int64(clusters)*e.cs) {
-			data.SetRange(uint64(x.Start/e.cs), uint64((x.End+e.cs-1)/e.cs))
+	case opt.SourceExtents != nil && opt.Base == nil:
+		// The allocation of the image behind the source is trusted, as
+		// the reference exporter and vhd-tool trust theirs: each stored
+		// cluster is read once, in the data pass, and stored as read. A
+		// cluster the image allocates that holds zeros costs its bytes
+		// on the link, never correctness (DetectZeros trades a second
+		// read for them).
+		read, zeros := e.trusted()
+		if zeros != nil {
+			zero = bitmap.New(clusters)
+			setClusters(zero, zeros, e.cs)
+		}
+		if !opt.DetectZeros {
+			setClusters(data, read, e.cs)
+			break
+		}
+		if res.ScannedBytes, err = e.scan(data, read, zero); err != nil {
+			return nil, err
 		}
 	default:
 		if opt.Base != nil {
@@ -117,11 +141,13 @@ func Run(ctx context.Context, out io.Writer, opt Options) (*Result, error) {
 				return nil, err
 			}
 		}
-		if res.ScannedBytes, err = e.scan(data); err != nil {
+		span64 := int64(clusters) * e.cs
+		cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
+		if res.ScannedBytes, err = e.scan(data, cand, nil); err != nil {
 			return nil, err
 		}
 	}
-	a := qcow.Allocation{VirtualSize: virtualSize, ClusterBits: opt.ClusterBits, RefcountOrder: opt.RefcountOrder, Data: data}
+	a := qcow.Allocation{VirtualSize: virtualSize, ClusterBits: opt.ClusterBits, RefcountOrder: opt.RefcountOrder, Data: data, Zero: zero}
 	if opt.BackingFile != "" {
 		a.BackingFile, a.BackingFormat = opt.BackingFile, "raw"
 	}
@@ -175,6 +201,31 @@ func (e *exporter) extentsOf(d *rawdisk.Disk, given hints.Extents) (hints.Extent
 		return hints.Normalize(append([]hints.Extent(nil), given...), d.Size()), nil
 	}
 	return hints.Collect(d.DataExtents, d.Size())
+}
+
+// trusted splits the clusters a trusted allocation stores into those to
+// read (the source holds data there) and, in a diff against an image
+// (BaseExtents or Compare without a Base disk), those where the source
+// holds none: they read as zeros while the base may not, and are stored as
+// zero clusters without a read.
+func (e *exporter) trusted() (read, zeros hints.Extents) {
+	span := int64(e.clusters) * e.cs
+	read = e.srcExt.AlignOut(e.cs, span)
+	if e.opt.BaseExtents == nil && e.opt.Compare == nil {
+		return read, nil
+	}
+	stored := e.opt.Compare
+	if stored == nil {
+		stored = hints.Union(e.opt.BaseExtents, read, span)
+	}
+	return stored.AlignOut(e.cs, span).Split(read)
+}
+
+// setClusters sets the clusters of b that ext touches.
+func setClusters(b *bitmap.Bitmap, ext hints.Extents, cs int64) {
+	for _, x := range ext {
+		b.SetRange(uint64(x.Start/cs), uint64((x.End+cs-1)/cs))
+	}
 }
 
 func (e *exporter) progress(n uint64) {
@@ -315,16 +366,13 @@ func windows(ext hints.Extents, win int64) func() (span, bool) {
 	}
 }
 
-// scan is the allocation pass: it reads each candidate cluster once (and
-// the base's bytes at the same place), or only its probe where that is
-// enough (readProbed), and sets the clusters to store. The reads run ahead
-// of the comparison (see readahead).
-func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
-	span64 := int64(e.clusters) * e.cs
-	cand := hints.Union(e.srcExt, e.baseExt, span64).AlignOut(e.cs, span64)
-	if e.opt.Base != nil && e.opt.Compare != nil {
-		cand = e.opt.Compare.AlignOut(e.cs, span64)
-	}
+// scan is the allocation pass over the clusters of cand: it reads each
+// once (and the base's bytes at the same place), or only its probe where
+// that is enough (readProbed), and sets in data the clusters to store —
+// those that differ from the base, or hold a non-zero byte. With zero, a
+// diff's clusters that read as zeros are set there instead. The reads run
+// ahead of the comparison (see readahead).
+func (e *exporter) scan(data *bitmap.Bitmap, cand hints.Extents, zero *bitmap.Bitmap) (uint64, error) {
 	e.total = 2 * uint64(cand.Bytes())
 	width := 1
 	if e.opt.Base != nil {
@@ -333,7 +381,7 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 	win := max(int64(window)/e.cs, 1) * e.cs
 	ra := readahead{depth: ringDepth, readers: e.readersFor(width), width: width, size: int(win), pool: &e.pool}
 	var scanned uint64
-	zero := zeroWindow[:e.cs]
+	zeros := zeroWindow[:e.cs]
 	probe := e.canProbeScan()
 	if probe {
 		ra, win = e.probeRing()
@@ -358,10 +406,13 @@ func (e *exporter) scan(data *bitmap.Bitmap) (uint64, error) {
 				if width == 2 {
 					differs = !bytes.Equal(sb[c:c+e.cs], bufs[1][c:c+e.cs])
 				} else {
-					differs = !bytes.Equal(sb[c:c+e.cs], zero)
+					differs = !bytes.Equal(sb[c:c+e.cs], zeros)
 				}
-				if differs {
-					data.Set(uint64((s.off + c) / e.cs))
+				switch g := uint64((s.off + c) / e.cs); {
+				case differs:
+					data.Set(g)
+				case zero != nil:
+					zero.Set(g)
 				}
 			}
 			scanned += uint64(s.n)

@@ -51,7 +51,7 @@ func TestProbeLateData(t *testing.T) {
 				defer d.Close()
 				opt := Options{Source: d}
 				if exact {
-					opt.SourceExtents, opt.ExactExtents = ext, true
+					opt.SourceExtents, opt.ExactExtents, opt.DetectZeros = ext, true, true
 				}
 				e := &exporter{opt: opt, cs: cl, size: d.Size()}
 				if probe := direct && d.Direct(); e.canProbeScan() != (exact || !probe) {

@@ -66,6 +66,31 @@ func Union(a, b Extents, size int64) Extents {
 	return Normalize(all, size)
 }
 
+// Split cuts x along by: in is the parts of x that by covers, out the
+// rest. Both are sorted and disjoint, like x.
+func (x Extents) Split(by Extents) (in, out Extents) {
+	in, out = Extents{}, Extents{}
+	j := 0
+	for _, e := range x {
+		pos := e.Start
+		for j < len(by) && by[j].End <= pos {
+			j++
+		}
+		for k := j; k < len(by) && by[k].Start < e.End; k++ {
+			a, b := max(by[k].Start, pos), min(by[k].End, e.End)
+			if a > pos {
+				out = append(out, Extent{pos, a})
+			}
+			in = append(in, Extent{a, b})
+			pos = b
+		}
+		if pos < e.End {
+			out = append(out, Extent{pos, e.End})
+		}
+	}
+	return in, out
+}
+
 // AlignOut widens every extent to whole blocks of the given size, merging
 // those that then touch. size clips the result.
 func (x Extents) AlignOut(block, size int64) Extents {

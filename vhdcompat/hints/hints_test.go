@@ -325,3 +325,15 @@ func TestParseLegacyLargeFlatList(t *testing.T) {
 		t.Fatalf("got %v", l.Extents)
 	}
 }
+
+func TestSplit(t *testing.T) {
+	x := Extents{{0, 10}, {20, 30}, {40, 50}}
+	by := Extents{{5, 22}, {25, 26}, {28, 45}, {60, 70}}
+	in, out := x.Split(by)
+	if fmt.Sprint(in) != "[{5 10} {20 22} {25 26} {28 30} {40 45}]" || fmt.Sprint(out) != "[{0 5} {22 25} {26 28} {45 50}]" {
+		t.Fatalf("in %v, out %v", in, out)
+	}
+	if in, out := x.Split(nil); len(in) != 0 || fmt.Sprint(out) != fmt.Sprint(x) {
+		t.Fatalf("split by nothing: in %v, out %v", in, out)
+	}
+}

@@ -194,6 +194,14 @@ func TestPlanAgainstBase(t *testing.T) {
 	if fmt.Sprint(p.Source) != fmt.Sprint(wantSrc) {
 		t.Fatalf("source %v, want %v", p.Source, wantSrc)
 	}
+	// A base that ends before the source (a qcow2 may be smaller than its
+	// backing file): past its end whatever the source holds differs.
+	if p, err = NewPlan(src, base, 16, 8*mib, mib); err != nil {
+		t.Fatal(err)
+	}
+	if want := ext(mib, 2*mib, 3*mib, 3*mib+64<<10, 7*mib, 7*mib+64<<10); fmt.Sprint(p.Compare) != fmt.Sprint(want) {
+		t.Fatalf("base of 1 MiB: compare %v, want %v", p.Compare, want)
+	}
 	// A chain against itself: nothing can differ.
 	p, err = NewPlan(src, src, 16, 8*mib, 8*mib)
 	if err != nil || p.Compare == nil || len(p.Compare) != 0 {

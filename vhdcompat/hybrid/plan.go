@@ -16,9 +16,10 @@ type Plan struct {
 	// Base is the same for the base chain (with a base).
 	Base hints.Extents
 	// Compare, with a base whose chain shares images with the source's, is
-	// the clusters either chain writes above the images they share: only
-	// these may differ. nil when the chains share nothing: then every
-	// cluster either chain holds is compared.
+	// the clusters either chain writes (data or zeros) above the images
+	// they share, and the source's beyond the base's end: only these may
+	// differ. nil when the chains share nothing: then every cluster either
+	// chain holds may.
 	Compare hints.Extents
 	// Shared is the number of images the chains share.
 	Shared int
@@ -54,6 +55,18 @@ func NewPlan(src, base *Chain, clusterBits uint32, size, baseSize int64) (*Plan,
 		return nil, err
 	}
 	p.Compare = hints.Union(a, b, span)
+	if size > baseSize {
+		// A disk grown since the base: what the base does not reach
+		// differs wherever the source holds data.
+		from := baseSize >> clusterBits << clusterBits
+		var tail []hints.Extent
+		for _, x := range p.Source {
+			if x.End > from {
+				tail = append(tail, hints.Extent{Start: max(x.Start, from), End: x.End})
+			}
+		}
+		p.Compare = hints.Union(p.Compare, tail, span)
+	}
 	return p, nil
 }
 
