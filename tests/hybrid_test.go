@@ -132,40 +132,62 @@ func nonZeroClusters(t testing.TB, raw string) (data, heads int64) {
 	}
 }
 
-// hybridExport exports DEVICE:IMAGE (with --buffered, then as block
-// devices are read by default, O_DIRECT) and checks the result against
-// raw and the device reads against alloc: buffered, each allocated byte is
-// read at most once (the allocation pass probes through the page cache
-// that the data pass then sends); direct, exactly one probe block of each
-// allocated cluster, the rest of the clusters whose probe is zeros, and
-// the stored clusters (pass 2), plus directProbes.
+// hybridExport exports DEVICE:IMAGE (through the page cache with
+// --buffered, then as block devices are read by default, O_DIRECT) and
+// checks the result against raw and the device reads against alloc. By
+// default the chain's allocation is trusted: each allocated cluster is
+// read once, in the data pass, and stored as read. With --detect-zeros the
+// allocation pass reads them first to leave all-zero clusters out:
+// buffered, no byte more is read from the device (the data pass sends
+// what the pass brought into the page cache); direct, exactly one probe
+// block of each allocated cluster, the rest of the clusters whose probe is
+// zeros, and the stored clusters (pass 2). Direct opens add directProbes.
 func hybridExport(t *testing.T, raw, image string, alloc int64, extra ...string) {
 	t.Helper()
 	dir := t.TempDir()
-	stored, heads := nonZeroClusters(t, raw)
+	nonZero, heads := nonZeroClusters(t, raw)
 	allocated := alloc / kib64
-	for _, direct := range []bool{false, true} {
-		dev := quietLoop(t, raw)
-		args := append([]string{"stream", "--source-format", "hybrid", "--source", dev + ":" + image}, extra...)
-		if !direct {
-			args = append(args, "--buffered")
+	for _, detect := range []bool{false, true} {
+		for _, direct := range []bool{false, true} {
+			dev := quietLoop(t, raw)
+			args := append([]string{"stream", "--source-format", "hybrid", "--source", dev + ":" + image}, extra...)
+			if !direct {
+				args = append(args, "--buffered")
+			}
+			if detect {
+				args = append(args, "--detect-zeros")
+			}
+			out := filepath.Join(dir, fmt.Sprintf("direct-%v-detect-%v.qcow2", direct, detect))
+			before := sectorsRead(t, dev)
+			exportToFile(t, out, args...)
+			read := (sectorsRead(t, dev) - before) * 512
+			qemutest.Compare(t, out, raw)
+			stored := clustersOf(dataExtents(t, out))
+			var want int64
+			switch {
+			case !detect:
+				want = alloc
+			case direct:
+				want = allocated*directProbe + (allocated-heads)*(kib64-directProbe) + nonZero*kib64
+			}
+			if direct {
+				want += directProbes
+			}
+			switch {
+			case detect && stored != nonZero*kib64:
+				t.Errorf("--detect-zeros: %d bytes stored, want the %d of the clusters that are not all zeros", stored, nonZero*kib64)
+			case !detect && stored != alloc:
+				t.Errorf("%d bytes stored, want every allocated cluster (%d bytes), as read", stored, alloc)
+			case detect && !direct && read > alloc:
+				t.Errorf("--detect-zeros --buffered: read %d bytes from the device; the chain allocates %d", read, alloc)
+			case (!detect || direct) && read != want:
+				t.Errorf("direct=%v detect=%v: read %d bytes from the device, want %d (the chain allocates %d, %d clusters of it not all zeros, %d with a non-zero first block)",
+					direct, detect, read, want, alloc, nonZero, heads)
+			case read == 0 && alloc > 0:
+				t.Errorf("direct=%v: nothing read from the device (the counter is not counting?)", direct)
+			}
+			t.Logf("direct=%v detect=%v: read %d bytes, chain allocates %d", direct, detect, read, alloc)
 		}
-		out := filepath.Join(dir, fmt.Sprintf("direct-%v.qcow2", direct))
-		before := sectorsRead(t, dev)
-		exportToFile(t, out, args...)
-		read := (sectorsRead(t, dev) - before) * 512
-		qemutest.Compare(t, out, raw)
-		if want := allocated*directProbe + (allocated-heads)*(kib64-directProbe) + stored*kib64 + directProbes; direct && read != want {
-			t.Errorf("direct: read %d bytes from the device, want %d: a %d-byte probe of each of the %d allocated clusters, the rest of the %d whose probe is zeros, and the %d stored, plus %d",
-				read, want, directProbe, allocated, allocated-heads, stored, directProbes)
-		}
-		if !direct && read > alloc {
-			t.Errorf("buffered: read %d bytes from the device; the chain allocates %d", read, alloc)
-		}
-		if read == 0 && alloc > 0 {
-			t.Errorf("direct=%v: nothing read from the device (the counter is not counting?)", direct)
-		}
-		t.Logf("direct=%v: read %d bytes, chain allocates %d", direct, read, alloc)
 	}
 }
 
@@ -174,17 +196,26 @@ func TestHybridDynamicVHD(t *testing.T) {
 	dir := t.TempDir()
 	img, raw := filepath.Join(dir, "d.vhd"), filepath.Join(dir, "d.raw")
 	qemutest.Img(t, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", img, "40M")
-	// A block of zeros written by the guest is allocated but left out.
+	// A block of zeros written by the guest is allocated.
 	qemutest.Run(t, "qemu-io", "-c", "write -P 0x11 0 4k", "-c", "write -P 0x22 9M 3M", "-c", "write -P 0 20M 64k", "-c", "write -P 0x33 41942528 512", img)
 	qemutest.Img(t, "convert", "-f", "vpc", "-O", "raw", img, raw)
 	hybridExport(t, raw, img, allocatedBytes(t, img))
-	// The zero block is not stored.
+	// The zero block is stored as read by default, left out with
+	// --detect-zeros.
 	dev := loopDevice(t, raw, false)
-	out := filepath.Join(dir, "o.qcow2")
-	exportToFile(t, out, "stream", "--source-format", "hybrid", "--source", dev+":"+img)
-	for _, e := range dataExtents(t, out) {
-		if e[0] < 21<<20 && e[0]+e[1] > 20<<20 {
-			t.Fatalf("zero block stored: %v", dataExtents(t, out))
+	for _, detect := range []bool{false, true} {
+		out := filepath.Join(dir, "o.qcow2")
+		args := []string{"stream", "--source-format", "hybrid", "--source", dev + ":" + img}
+		if detect {
+			args = append(args, "--detect-zeros")
+		}
+		exportToFile(t, out, args...)
+		stored := false
+		for _, e := range dataExtents(t, out) {
+			stored = stored || e[0] < 21<<20 && e[0]+e[1] > 20<<20
+		}
+		if stored == detect {
+			t.Fatalf("--detect-zeros %v: zero block stored %v: %v", detect, stored, dataExtents(t, out))
 		}
 	}
 }

@@ -37,6 +37,11 @@ type ExportRequest struct {
 	// Hybrid, when set, reads the allocation from the image chains behind
 	// the source and the base (vhd-tool's --source-format hybrid).
 	Hybrid *HybridRequest
+	// DetectZeros reads the clusters a trusted allocation (the hybrid
+	// source's chains, a map or header hint) names before sending them,
+	// to leave out those that read as zeros. By default each is read
+	// once and sent as read.
+	DetectZeros bool
 
 	// Out is the output when it is known before anything is opened (the
 	// drop-in's stdout): a terminal is then refused before the source is
@@ -74,7 +79,7 @@ func Export(env *Env, req *ExportRequest) error {
 		// checks again.
 		return fmt.Errorf("refusing to write a qcow2 image to a terminal (%s): redirect it to a file or a pipe", req.OutName)
 	}
-	x := &openedExport{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: req.BackingFile,
+	x := &openedExport{ClusterBits: clusterBits, RefcountOrder: refOrder, BackingFile: req.BackingFile, DetectZeros: req.DetectZeros,
 		Out: req.Out, OutName: req.OutName, RefuseTerminal: req.RefuseTerminal}
 	defer x.Close()
 	disk := env.DiskOptions(req.IO)
@@ -138,7 +143,7 @@ type openedExport struct {
 	BaseExtents         hints.Extents
 	ExactExtents        bool          // the extents come from the image behind the disk (hybrid)
 	Compare             hints.Extents // a diff against an image: the only clusters that may differ
-	DetectZeros         bool          // probe a trusted allocation, leave all-zero clusters out
+	DetectZeros         bool          // read a trusted allocation first, leave all-zero clusters out
 	BaseName            string        // the base image of a diff without a base disk, for the log
 	Changed             *bitmap.Bitmap
 	Progress            func(done, total uint64)

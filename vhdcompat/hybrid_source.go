@@ -106,10 +106,6 @@ func (x *openedExport) loadHybrid(h *HybridRequest) error {
 	x.SourceExtents, x.ExactExtents = plan.Source, true
 	if base != nil {
 		x.BaseExtents, x.Compare, x.BaseName = plan.Base, plan.Compare, h.BaseImage
-	} else {
-		// Until the one-read default: a full export still probes the
-		// allocated clusters to leave all-zero ones out.
-		x.DetectZeros = true
 	}
 	return nil
 }

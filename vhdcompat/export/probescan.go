@@ -20,16 +20,16 @@ const probeBytes = 512
 const minProbeCluster = 16 << 10
 
 // canProbeScan reports whether the allocation pass may probe clusters:
-// a full export (no base: a diff must compare whole clusters anyway)
-// without a hint mask (bytes outside a hint must read as zero whatever the
-// raw view holds; holes found by SEEK_DATA read as zero by themselves — and
-// so do the whole clusters of ExactExtents, outside which the image is
-// zeros). Under O_DIRECT the probes are whole aligned blocks, several in
-// flight (one per reader of the ring), and only over ExactExtents: they
-// name allocated clusters, mostly data, where the probe saves the rest of
-// the cluster; a device scanned whole is mostly never-written zeros, where
-// each cluster would cost a probe and then the rest, two small reads
-// instead of a share of one large one.
+// no base disk (a diff against one must compare whole clusters) and no
+// hint mask (bytes outside a hint must read as zero whatever the raw view
+// holds; holes found by SEEK_DATA read as zero by themselves — and so do
+// the whole clusters of ExactExtents, outside which the image is zeros).
+// Under O_DIRECT the probes are whole aligned blocks, several in flight
+// (one per reader of the ring), and only over ExactExtents (with
+// DetectZeros): they name allocated clusters, mostly data, where the probe
+// saves the rest of the cluster; a device scanned whole is mostly
+// never-written zeros, where each cluster would cost a probe and then the
+// rest, two small reads instead of a share of one large one.
 func (e *exporter) canProbeScan() bool {
 	return e.opt.Base == nil && ((e.opt.SourceExtents == nil && !e.opt.Source.Direct()) || e.opt.ExactExtents) && e.cs >= minProbeCluster
 }
