@@ -16,11 +16,14 @@
 # Environment: BIN (binary, default bin/xapi-qcow-tool), BENCH_RUNS (runs
 # per case, default 5; quick: 1), BENCH_DIR (where images go), BENCH_DOC
 # (document whose table to rewrite; empty: none), BENCH_STRICT=1 (exit 1
-# when a case misses its target).
+# when a case misses its target), BENCH_ONLY=hybrid (only the hybrid
+# source's cases; the table is then printed, not written).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QUICK=${BENCH_QUICK:-0}
+ONLY=${BENCH_ONLY:-}
+[[ -z $ONLY || $ONLY == hybrid ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid is a part of its own" >&2; exit 2; }
 BIN=${BIN:-$ROOT/bin/xapi-qcow-tool}
 if [[ $QUICK == 1 ]]; then
 	RUNS=${BENCH_RUNS:-1}
@@ -29,6 +32,7 @@ if [[ $QUICK == 1 ]]; then
 else
 	RUNS=${BENCH_RUNS:-5}
 	DOC=${BENCH_DOC-$ROOT/docs/PERFORMANCE.md}
+	[[ -z $ONLY ]] || DOC="" # a part alone must not rewrite the whole table
 	MIB1G=1024 MIB4G=4096 SCALE=$((16 << 40))
 fi
 SCALE_LIMIT=10 # seconds
@@ -158,6 +162,48 @@ mem_check() {
 # mem_limit VIRTUAL_BYTES [CLUSTER_BYTES]: 64 MiB + 1 bit per cluster, in KiB.
 mem_limit() { awk -v v="$1" -v c="${2:-65536}" 'BEGIN {printf "%d", 65536 + v / c / 8 / 1024}'; }
 
+# report: the memory row, the table (printed, and written into DOC), and
+# the exit status; it ends the run.
+report() {
+	if [[ -n $MEM_WORST_CASE ]]; then
+		record "memory: worst peak RSS / allowed" "$MEM_WORST" 1 1.0 "$MEM_WORST_CASE"
+	fi
+	DATE=$(date -u +%Y-%m-%d)
+	table() {
+		echo "| case | ours (s) | limit (s) | ratio | target | peak RSS | result | date |"
+		echo "|---|---:|---:|---:|---:|---:|---|---|"
+		local r
+		for r in "${ROWS[@]}"; do
+			IFS='|' read -r name ours limit ratio target rss verdict <<<"$r"
+			echo "| $name | $ours | $limit | $ratio | ≤ $target | $rss | $verdict | $DATE |"
+		done
+	}
+	echo
+	table
+	echo
+	echo "$(nproc) cores, $(uname -r), images in $parent, median of $RUNS interleaved runs, $MISSES case(s) missed"
+	if [[ $QUICK == 1 ]]; then
+		echo "quick mode: the images are tiny, so process start-up dominates and the ratios say nothing about speed"
+	fi
+
+	if [[ -n $DOC && -f $DOC ]] && grep -q '<!-- bench:begin -->' "$DOC"; then
+		tmp=$DOC.tmp.$$
+		{
+			sed '/<!-- bench:begin -->/q' "$DOC"
+			table
+			echo
+			echo "Measured $DATE: $(nproc) cores, kernel $(uname -r), images in $parent, median of $RUNS interleaved runs."
+			sed -n '/<!-- bench:end -->/,$p' "$DOC"
+		} >"$tmp" && mv "$tmp" "$DOC"
+		say "table written to $DOC"
+	fi
+
+	if [[ ${BENCH_STRICT:-0} == 1 && $MISSES -gt 0 ]]; then
+		exit 1
+	fi
+	exit 0
+}
+
 # Images ---------------------------------------------------------------
 
 say() { echo "bench: $*" >&2; }
@@ -195,6 +241,20 @@ change() {
 	done
 }
 
+# Loop devices (the block device cases) need root and losetup.
+loop_ok=""
+if [[ $(id -u) != 0 ]]; then
+	loop_ok="loop devices need root"
+elif ! have losetup; then
+	loop_ok="losetup is not installed"
+fi
+
+if [[ $ONLY == hybrid ]]; then
+	# shellcheck source=tests/bench/hybrid.sh
+	source "$ROOT/tests/bench/hybrid.sh"
+	report
+fi
+
 Q4=$DIR/q25-4g.img
 quarter "$Q4" "$MIB4G"
 BASE=$DIR/base-4g.img
@@ -219,12 +279,6 @@ bench "export diff of ${MIB4G} MiB, 2 % changed" 0.6 \
 	"cat $SRC $BASE >/dev/null" : "$(mem_limit $V4)"
 
 # Block device: a loop device with direct I/O over a file on /dev/shm.
-loop_ok=""
-if [[ $(id -u) != 0 ]]; then
-	loop_ok="loop devices need root"
-elif ! have losetup; then
-	loop_ok="losetup is not installed"
-fi
 loopdev() {
 	local dev
 	dev=$(losetup --show -f --direct-io=on "$1" 2>"$DIR/stderr") || return 1
@@ -349,42 +403,4 @@ fi
 # The hybrid source: allocation read from the VHD or qcow2 behind the VDI.
 source "$ROOT/tests/bench/hybrid.sh"
 
-if [[ -n $MEM_WORST_CASE ]]; then
-	record "memory: worst peak RSS / allowed" "$MEM_WORST" 1 1.0 "$MEM_WORST_CASE"
-fi
-
-# Report ---------------------------------------------------------------
-DATE=$(date -u +%Y-%m-%d)
-table() {
-	echo "| case | ours (s) | limit (s) | ratio | target | peak RSS | result | date |"
-	echo "|---|---:|---:|---:|---:|---:|---|---|"
-	local r
-	for r in "${ROWS[@]}"; do
-		IFS='|' read -r name ours limit ratio target rss verdict <<<"$r"
-		echo "| $name | $ours | $limit | $ratio | ≤ $target | $rss | $verdict | $DATE |"
-	done
-}
-echo
-table
-echo
-echo "$(nproc) cores, $(uname -r), images in $parent, median of $RUNS interleaved runs, $MISSES case(s) missed"
-if [[ $QUICK == 1 ]]; then
-	echo "quick mode: the images are tiny, so process start-up dominates and the ratios say nothing about speed"
-fi
-
-if [[ -n $DOC && -f $DOC ]] && grep -q '<!-- bench:begin -->' "$DOC"; then
-	tmp=$DOC.tmp.$$
-	{
-		sed '/<!-- bench:begin -->/q' "$DOC"
-		table
-		echo
-		echo "Measured $DATE: $(nproc) cores, kernel $(uname -r), images in $parent, median of $RUNS interleaved runs."
-		sed -n '/<!-- bench:end -->/,$p' "$DOC"
-	} >"$tmp" && mv "$tmp" "$DOC"
-	say "table written to $DOC"
-fi
-
-if [[ ${BENCH_STRICT:-0} == 1 && $MISSES -gt 0 ]]; then
-	exit 1
-fi
-exit 0
+report
