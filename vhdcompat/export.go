@@ -95,6 +95,16 @@ func Export(env *Env, req *ExportRequest) error {
 	if err != nil {
 		return err
 	}
+	if h := req.Hybrid; h != nil && h.BaseImage != "" && req.Base != "" {
+		// The hybrid diff comes from the base's image: a base device
+		// given beside it is only checked for its size, never read.
+		r, c := *req, *h
+		if c.BaseDevice == "" {
+			c.BaseDevice = req.Base
+		}
+		r.Base, r.Hybrid = "", &c
+		req = &r
+	}
 	var base *hints.Disk
 	if req.Base != "" {
 		if x.Base, err = rawdisk.OpenWith(req.Base, disk); err != nil {

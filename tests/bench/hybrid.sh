@@ -75,7 +75,7 @@ hybrid_cases() {
 	done
 	# Through the page cache: the runs are sent by sendfile, as they are
 	# read; the limit is a buffered dd.
-	bench "hybrid VHD $name, --buffered: total" 1.1 \
+	bench "hybrid VHD $name, --buffered: total" 1.2 \
 		"$OURS stream --buffered --source-format hybrid --source $dev:$DIR/thin.vhd | cat >/dev/null" "$dd_alloc" "$prep" "$mem"
 	# What an export of this VDI costs without the hybrid source: a scan
 	# of the whole device, or (xapi today, qcow2-backed VDIs only) two runs
