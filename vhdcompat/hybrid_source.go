@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"syscall"
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hybrid"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
@@ -116,7 +115,7 @@ func (x *openedExport) loadHybrid(h *HybridRequest) error {
 // raw source) would otherwise be guessed at.
 func (x *openedExport) openBaseChain(h *HybridRequest) (*hybrid.Chain, error) {
 	if st, err := os.Stat(h.BaseImage); err == nil {
-		if sst, err := x.Source.File().Stat(); err == nil && sameDisk(st, sst) {
+		if sst, err := x.Source.File().Stat(); err == nil && hybrid.SameDisk(st, sst) {
 			return nil, &UsageError{fmt.Sprintf("--relative-to %s is the source device: with --source-format hybrid give the base's VHD or qcow2 image, or BASE_DEVICE:BASE_IMAGE", h.BaseImage)}
 		}
 	}
@@ -166,15 +165,4 @@ func sameSize(what, image string, ch *hybrid.Chain, dev string, size int64) erro
 		return fmt.Errorf("%s image %s describes a disk of %d bytes, but the %s device %s has %d: is it the image behind that device?", what, image, top.VirtualSize, what, dev, size)
 	}
 	return nil
-}
-
-// sameDisk reports whether two files are the same disk: the same file, or
-// device nodes of the same block device.
-func sameDisk(a, b os.FileInfo) bool {
-	if os.SameFile(a, b) {
-		return true
-	}
-	sa, ok1 := a.Sys().(*syscall.Stat_t)
-	sb, ok2 := b.Sys().(*syscall.Stat_t)
-	return ok1 && ok2 && a.Mode()&os.ModeDevice != 0 && b.Mode()&os.ModeDevice != 0 && sa.Rdev == sb.Rdev
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
@@ -148,7 +149,20 @@ func (l *Layer) close() {
 func sameFile(a, b *os.File) bool {
 	sa, err1 := a.Stat()
 	sb, err2 := b.Stat()
-	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+	return err1 == nil && err2 == nil && SameDisk(sa, sb)
+}
+
+// SameDisk reports whether two files are the same: the same inode, or
+// two device nodes of one block device (an LVM volume reached through
+// /dev/VG/LV and through a node of its own under --path).
+func SameDisk(a, b os.FileInfo) bool {
+	if os.SameFile(a, b) {
+		return true
+	}
+	sa, ok1 := a.Sys().(*syscall.Stat_t)
+	sb, ok2 := b.Sys().(*syscall.Stat_t)
+	isDev := func(fi os.FileInfo) bool { return fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 }
+	return ok1 && ok2 && isDev(a) && isDev(b) && sa.Rdev == sb.Rdev
 }
 
 // openLayer opens one image and reads its metadata: a VHD (footer at the

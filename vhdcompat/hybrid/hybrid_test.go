@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
@@ -217,5 +219,45 @@ func TestPlanAgainstBase(t *testing.T) {
 	defer other.Close()
 	if p, err = NewPlan(src, other, 16, 8*mib, 8*mib); err != nil || p.Compare != nil || p.Shared != 0 {
 		t.Fatalf("unrelated chains: compare %v shared %d %v", p.Compare, p.Shared, err)
+	}
+}
+
+// TestSameDisk: two device nodes of one block device are the same disk
+// (an LVM volume under /dev/VG and under a directory of --path), two
+// files are not.
+func TestSameDisk(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, p := range []string{a, b} {
+		if err := os.WriteFile(p, make([]byte, 4096), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stat := func(p string) os.FileInfo {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi
+	}
+	if SameDisk(stat(a), stat(b)) || !SameDisk(stat(a), stat(a)) {
+		t.Fatal("regular files: wrong answer")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: device nodes need root")
+	}
+	out, err := exec.Command("losetup", "--show", "-f", a).CombinedOutput()
+	if err != nil {
+		t.Skipf("SKIP: losetup refused here: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	defer exec.Command("losetup", "-d", dev).Run()
+	st := stat(dev).Sys().(*syscall.Stat_t)
+	node := filepath.Join(dir, "node")
+	if err := syscall.Mknod(node, syscall.S_IFBLK|0o600, int(st.Rdev)); err != nil {
+		t.Skipf("SKIP: mknod refused here: %v", err)
+	}
+	if !SameDisk(stat(dev), stat(node)) || SameDisk(stat(dev), stat(a)) {
+		t.Fatal("device nodes: wrong answer")
 	}
 }
