@@ -43,17 +43,16 @@ type Options struct {
 	// it) and all-zero clusters are left out.
 	SourceExtents hints.Extents
 	// BaseExtents is where the base holds data. With a Base disk it masks
-	// the base's reads; without one (and with ExactExtents) it makes the
-	// export a diff against the image it describes, decided from the
-	// allocation alone: see Compare.
+	// the base's reads; without one it makes the export a diff against the
+	// image it describes, decided from the allocation alone: see Compare.
 	BaseExtents hints.Extents
 	// ExactExtents says SourceExtents (and BaseExtents) come from the
 	// metadata of the image behind the disk, in whole clusters: outside
 	// them the image reads as zeros, so DetectZeros may probe a cluster's
 	// first block instead of reading it whole.
 	ExactExtents bool
-	// Compare, with ExactExtents and no Base disk, is the clusters that
-	// may differ from the base image: those either chain writes above the
+	// Compare, without a Base disk, is the clusters that may differ from
+	// the base image: those either chain writes above the
 	// images they share (nil when they share nothing: then every cluster
 	// of SourceExtents or BaseExtents). The diff stores each of them, read
 	// from the source where SourceExtents has data and as a zero cluster,
