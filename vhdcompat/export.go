@@ -42,6 +42,9 @@ type ExportRequest struct {
 	// to leave out those that read as zeros. By default each is read
 	// once and sent as read.
 	DetectZeros bool
+	// Discover, when set, finds the images behind the source and base
+	// devices when no hint and no hybrid image is given (discovery.go).
+	Discover *DiscoverRequest
 
 	// Out is the output when it is known before anything is opened (the
 	// drop-in's stdout): a terminal is then refused before the source is
@@ -110,10 +113,23 @@ func Export(env *Env, req *ExportRequest) error {
 		x.ClusterBits = h.ClusterBits
 	}
 	x.SourceExtents, x.BaseExtents, x.Changed = h.SourceExtents, h.BaseExtents, h.Changed
-	if req.Hybrid != nil {
+	// Precedence: xapi's hints, an image named on the command line, the
+	// images discovery finds, then SEEK_DATA or the scan.
+	switch hinted := req.Hints.Source.Given() || req.Hints.Base.Given() || req.Hints.ChangedBlocks.Given(); {
+	case hinted:
+		x.Allocation = AllocHints
+	case req.Hybrid != nil:
 		if err := x.loadHybrid(req.Hybrid); err != nil {
 			return err
 		}
+		x.SourceImage = req.Hybrid.Image
+	case req.Discover != nil && req.SourceFile == nil:
+		if hr := x.discoverExport(env, req); hr != nil {
+			x.loadDiscoveredHybrid(env, hr)
+		}
+	}
+	if x.Allocation == "" {
+		x.Allocation = x.allocationSource()
 	}
 	if x.Out == nil {
 		if x.Out, x.OutName, err = req.OpenOut(); err != nil {
@@ -149,6 +165,14 @@ type openedExport struct {
 	Progress            func(done, total uint64)
 	RefuseTerminal      bool
 	OutputCarriesStream bool
+	// Allocation names where the allocation comes from (hints, vhd,
+	// qcow2, seek-data, scan) and SourceImage the image it was read
+	// from, for the journal.
+	Allocation  string
+	SourceImage string
+	// BaseDevice names the base device of a diff that comes from the
+	// chains alone (Base is then nil), for the journal.
+	BaseDevice string
 }
 
 // Close releases the export's disks.
@@ -174,6 +198,12 @@ func (r *openedExport) run(env *Env) error {
 		"cluster_size", uint64(1) << r.ClusterBits, "direct", r.Source.Direct()}
 	if r.Base != nil {
 		attrs = append(attrs, "base", r.Base.Path())
+	} else if r.BaseDevice != "" {
+		attrs = append(attrs, "base", r.BaseDevice)
+	}
+	attrs = append(attrs, "allocation", r.Allocation)
+	if r.SourceImage != "" {
+		attrs = append(attrs, "image", r.SourceImage)
 	}
 	if r.BaseName != "" {
 		attrs = append(attrs, "base_image", r.BaseName)
