@@ -233,3 +233,10 @@ func checkFallback(t testing.TB, started journalEntry, warnings []string, alloc,
 // from the device: each allocated cluster probed and read (the probing
 // pass of the hybrid source), plus rawdisk's alignment probes.
 func hybridReadBound(alloc int64) int64 { return 2*alloc + directProbes }
+
+// reset puts the host back as newXapiHost built it, with no tapdisk.
+func (h *xapiHost) reset() {
+	writeFile(h.t, h.tapdisks, nil)
+	h.tapCtl(fmt.Sprintf(tapCtlStandin, h.calls, h.tapdisks))
+	h.tapdevMajor(true)
+}

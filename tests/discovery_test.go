@@ -139,6 +139,22 @@ func TestDiscoveryVHDFileSR(t *testing.T) {
 	}
 	t.Logf("full export read %d bytes; diff read %d of the source, %d of the base", read, srcRead, baseRead)
 
+	// The base's image cannot be used (its tapdisk is paused): one warning
+	// for the base; the source's chain still gives the allocation and the
+	// base device is compared as it is.
+	h.reset()
+	h.tapdisk(4242, minor, "0", "vhd:"+paths[2])
+	h.tapdisk(4243, baseMinor, "0x2a", "vhd:"+paths[1])
+	os.Remove(diff)
+	started, warnings = h.export(diff, "qcow2-to-stdout.py", vdi, "--diff", baseVdi)
+	if len(warnings) != 1 || !strings.Contains(warnings[0], "base "+baseVdi) || !strings.Contains(warnings[0], "state 0x2a") {
+		t.Fatalf("want one warning about the base, got %q", warnings)
+	}
+	if started["ALLOCATION"] != "vhd" || started["IMAGE"] != paths[2] || started["BASE_IMAGE"] != "" {
+		t.Fatalf("export entry %v", started)
+	}
+	checkDiff(t, diff, midRaw, raw)
+
 	// --no-discovery: today's export, tap-ctl not run.
 	calls := len(h.tapCtlCalls())
 	started, warnings = h.export(out, "qcow2-to-stdout.py", vdi, "--no-discovery")
@@ -223,8 +239,21 @@ func TestDiscoveryQcow2Chain(t *testing.T) {
 	read := (sectorsRead(t, dev) - before) * 512
 	qemutest.Compare(t, out, raw)
 	checkAllocation(t, started, warnings, "qcow2", top)
-	if alloc := allocatedBytes(t, top); read > hybridReadBound(alloc) {
+	alloc := allocatedBytes(t, top)
+	if read > hybridReadBound(alloc) {
 		t.Fatalf("read %d bytes from the device; the chain allocates %d", read, alloc)
+	}
+
+	// vhd-tool's command line (stream, raw source) discovers the same.
+	os.Remove(out)
+	before = sectorsRead(t, dev)
+	started, warnings = h.export(out, "stream", "--source-protocol", "none", "--source-format", "raw", "--source", vdi,
+		"--destination-protocol", "none", "--destination-format", "qcow2", "--destination", "file://"+out, "--direct", "--path", "/dev/mapper:.")
+	read = (sectorsRead(t, dev) - before) * 512
+	qemutest.Compare(t, out, raw)
+	checkAllocation(t, started, warnings, "qcow2", top)
+	if read > hybridReadBound(alloc) {
+		t.Fatalf("stream read %d bytes from the device; the chain allocates %d", read, alloc)
 	}
 }
 
