@@ -36,8 +36,10 @@ type discovered struct {
 	res    *discover.Result
 	driver discover.Driver
 	image  string
-	// extents, for an aio image: its SEEK_DATA extents.
+	// extents and size, for an aio image: its SEEK_DATA extents and its
+	// size.
 	extents hints.Extents
+	size    int64
 }
 
 // chain reports whether the image is a VHD or qcow2 chain, read by the
@@ -68,7 +70,7 @@ func discoverDisk(env *Env, what string, disk *rawdisk.Disk) *discovered {
 }
 
 // useDiscovered checks what discovery found and, for an aio image, reads
-// its SEEK_DATA extents.
+// its SEEK_DATA extents; size is the device's (-1: unknown, not checked).
 func useDiscovered(res *discover.Result, size int64) (*discovered, error) {
 	if x, ok := res.NBDServer(); ok {
 		// The server is no tapdisk: its allocation is only known to the
@@ -89,9 +91,10 @@ func useDiscovered(res *discover.Result, size int64) (*discovered, error) {
 		if f.Kind() != rawdisk.RegularFile {
 			return nil, fmt.Errorf("aio image %s of tapdisk %d is a %s: it has no allocation of its own to read", t.Image, t.PID, f.Kind())
 		}
-		if f.Size() != size {
+		if size >= 0 && f.Size() != size {
 			return nil, fmt.Errorf("aio image %s has %d bytes, but the device has %d: is it the image behind that device?", t.Image, f.Size(), size)
 		}
+		d.size = f.Size()
 		if d.extents, err = hints.Collect(f.DataExtents, f.Size()); err != nil {
 			return nil, fmt.Errorf("aio image %s: %w", t.Image, err)
 		}
