@@ -48,24 +48,24 @@ func (d *discovered) chain() bool {
 	return d != nil && (d.driver == discover.VHD || d.driver == discover.Qcow2)
 }
 
-// discoverDisk finds the image behind the device at path for an export
-// and says, in one warning line, why it did not when the path is a block
-// device (a regular file has nothing behind it: its own SEEK_DATA is the
-// allocation). nil means the export reads the device as it would without
-// discovery.
-func discoverDisk(env *Env, what string, disk *rawdisk.Disk) *discovered {
-	res, err := discover.Discover(envCtx(env), disk.Path())
+// discoverDisk finds the image behind the device at path (of that kind
+// and size) for an export, and says in one warning line why it did not
+// when path is a block device (a regular file has nothing behind it: its
+// own SEEK_DATA is the allocation). nil means the export reads the device
+// as it would without discovery.
+func discoverDisk(env *Env, what, path string, kind rawdisk.Kind, size int64) *discovered {
+	res, err := discover.Discover(envCtx(env), path)
 	if err == nil {
 		var d *discovered
-		d, err = useDiscovered(res, disk.Size())
+		d, err = useDiscovered(res, size)
 		if err == nil {
 			return d
 		}
 	}
-	if errors.Is(err, discover.ErrNotVDIDevice) && disk.Kind() != rawdisk.BlockDevice {
+	if errors.Is(err, discover.ErrNotVDIDevice) && kind != rawdisk.BlockDevice {
 		return nil
 	}
-	warnDiscovery(env, what, disk.Path(), err)
+	warnDiscovery(env, what, path, err)
 	return nil
 }
 
@@ -121,60 +121,78 @@ func envCtx(env *Env) context.Context {
 }
 
 // discoverExport finds the images behind the source and base devices of
-// an export that no hint describes, and turns them into its allocation
-// source: chains into a hybrid request, aio files into extents.
-func (x *openedExport) discoverExport(env *Env, req *ExportRequest) *HybridRequest {
-	src := discoverDisk(env, "source", x.Source)
-	if src == nil {
+// an export that no hint describes and makes them its allocation source:
+// chains through the hybrid source, an aio file's SEEK_DATA as extents.
+// It opens the base device (with disk's options) unless the diff comes
+// from the two chains alone; an error is one the export without discovery
+// would have met too (the base cannot be opened).
+func (x *openedExport) discoverExport(env *Env, req *ExportRequest, disk rawdisk.Options) error {
+	src := discoverDisk(env, "source", x.Source.Path(), x.Source.Kind(), x.Source.Size())
+	var base *discovered
+	if req.Base != "" && src != nil {
+		// Through the page cache, which reads nothing at open: only
+		// the device's kind and size are needed.
+		peek, err := rawdisk.OpenWith(req.Base, rawdisk.Options{IO: rawdisk.IOBuffered})
+		if err != nil {
+			return fmt.Errorf("base %w", err)
+		}
+		base = discoverDisk(env, "base", peek.Path(), peek.Kind(), peek.Size())
+		peek.Close()
+	}
+	switch {
+	case src.chain():
+		h := &HybridRequest{Image: src.image, Search: req.Discover.Search}
+		if base.chain() {
+			// Both chains: the diff comes from their metadata (what
+			// is allocated above their common ancestor); the base
+			// device is only checked for its size.
+			h.BaseImage, h.BaseDevice = base.image, req.Base
+		}
+		if x.loadDiscoveredHybrid(env, h) && h.BaseImage != "" {
+			x.BaseDevice = req.Base
+			return nil
+		}
+	case src != nil: // aio
+		x.SourceImage, x.SourceExtents, x.Allocation = src.image, src.extents, AllocSeekData
+	}
+	if req.Base == "" {
 		return nil
 	}
-	var base *discovered
-	if x.Base != nil {
-		base = discoverDisk(env, "base", x.Base)
+	if err := x.openBase(req.Base, disk); err != nil {
+		return err
 	}
-	x.SourceImage = src.image
-	if base != nil && base.driver == discover.Aio {
+	if x.SourceImage != "" && base != nil && base.driver == discover.Aio {
 		x.BaseExtents = base.extents
 	}
-	if src.driver == discover.Aio {
-		x.SourceExtents, x.Allocation = src.extents, AllocSeekData
-		return nil
-	}
-	h := &HybridRequest{Image: src.image, Search: req.Discover.Search}
-	if base.chain() {
-		// Both chains: the diff comes from their metadata (what is
-		// allocated above their common ancestor); the base device is
-		// only checked for its size.
-		h.BaseImage, h.BaseDevice = base.image, x.Base.Path()
-	}
-	return h
+	return nil
 }
 
-// loadDiscoveredHybrid loads a hybrid request that discovery made: a
-// failure (a parent missing, a chain that fails validation, a size that
-// differs) is one warning line, and the export goes on without the chain
-// that failed — without the base's first (the base device is then
-// compared as it is), then without either. With both chains loaded, the
-// base device is closed: nothing of it is read.
-func (x *openedExport) loadDiscoveredHybrid(env *Env, h *HybridRequest) {
+// loadDiscoveredHybrid loads a hybrid request that discovery made and
+// reports whether the base's chain, if any, was loaded too. A failure (a
+// parent missing, a chain that fails validation, a size that differs) is
+// one warning line, and the export goes on without the chain that failed:
+// without the base's first (the base device is then compared as it is),
+// then without either.
+func (x *openedExport) loadDiscoveredHybrid(env *Env, h *HybridRequest) bool {
 	saved := *x
 	err := x.loadHybrid(h)
-	if err != nil && h.BaseImage != "" {
+	if err == nil {
+		x.SourceImage = h.Image
+		return true
+	}
+	if h.BaseImage != "" {
 		warnDiscovery(env, "base", h.BaseDevice, fmt.Errorf("image chain of %s: %w", h.BaseImage, err))
 		*x = saved
 		nb := *h
 		nb.BaseImage, nb.BaseDevice = "", ""
-		err = x.loadHybrid(&nb)
-	} else if err == nil && h.BaseImage != "" {
-		x.BaseDevice = x.Base.Path()
-		x.Base.Close()
-		x.Base = nil
+		if err = x.loadHybrid(&nb); err == nil {
+			x.SourceImage = h.Image
+			return false
+		}
 	}
-	if err != nil {
-		warnDiscovery(env, "source", x.Source.Path(), fmt.Errorf("image chain of %s: %w", h.Image, err))
-		*x = saved
-		x.SourceImage, x.Allocation = "", ""
-	}
+	warnDiscovery(env, "source", x.Source.Path(), fmt.Errorf("image chain of %s: %w", h.Image, err))
+	*x = saved
+	return false
 }
 
 // allocationSource names where the allocation of an export comes from,

@@ -98,10 +98,15 @@ func Export(env *Env, req *ExportRequest) error {
 	if err != nil {
 		return err
 	}
+	// Precedence: xapi's hints, an image named on the command line, the
+	// images discovery finds, then SEEK_DATA or the scan. Discovery opens
+	// the base device itself: a diff from two chains reads nothing of it.
+	hinted := req.Hints.Source.Given() || req.Hints.Base.Given() || req.Hints.ChangedBlocks.Given()
+	discovering := req.Discover != nil && req.SourceFile == nil && req.Hybrid == nil && !hinted
 	var base *hints.Disk
-	if req.Base != "" {
-		if x.Base, err = rawdisk.OpenWith(req.Base, disk); err != nil {
-			return fmt.Errorf("base %w", err)
+	if req.Base != "" && !discovering {
+		if err := x.openBase(req.Base, disk); err != nil {
+			return err
 		}
 		base = &hints.Disk{Name: x.Base.Path(), Size: x.Base.Size()}
 	}
@@ -113,9 +118,7 @@ func Export(env *Env, req *ExportRequest) error {
 		x.ClusterBits = h.ClusterBits
 	}
 	x.SourceExtents, x.BaseExtents, x.Changed = h.SourceExtents, h.BaseExtents, h.Changed
-	// Precedence: xapi's hints, an image named on the command line, the
-	// images discovery finds, then SEEK_DATA or the scan.
-	switch hinted := req.Hints.Source.Given() || req.Hints.Base.Given() || req.Hints.ChangedBlocks.Given(); {
+	switch {
 	case hinted:
 		x.Allocation = AllocHints
 	case req.Hybrid != nil:
@@ -123,9 +126,9 @@ func Export(env *Env, req *ExportRequest) error {
 			return err
 		}
 		x.SourceImage = req.Hybrid.Image
-	case req.Discover != nil && req.SourceFile == nil:
-		if hr := x.discoverExport(env, req); hr != nil {
-			x.loadDiscoveredHybrid(env, hr)
+	case discovering:
+		if err := x.discoverExport(env, req, disk); err != nil {
+			return err
 		}
 	}
 	if x.Allocation == "" {
@@ -173,6 +176,15 @@ type openedExport struct {
 	// BaseDevice names the base device of a diff that comes from the
 	// chains alone (Base is then nil), for the journal.
 	BaseDevice string
+}
+
+// openBase opens the base disk of a diff.
+func (x *openedExport) openBase(path string, disk rawdisk.Options) error {
+	var err error
+	if x.Base, err = rawdisk.OpenWith(path, disk); err != nil {
+		return fmt.Errorf("base %w", err)
+	}
+	return nil
 }
 
 // Close releases the export's disks.
