@@ -41,7 +41,7 @@ func layeredVHDs(t *testing.T, size int64, paths []string, writes [][][2]int64) 
 			b := make([]byte, w[1])
 			r.Read(b)
 			im.Write(w[0], b)
-			writeAt(t, raw, w[0], b)
+			poke(t, raw, w[0], b...)
 			regions = append(regions, w)
 		}
 	}
@@ -56,16 +56,22 @@ func layeredVHDs(t *testing.T, size int64, paths []string, writes [][][2]int64) 
 	return raw, regions
 }
 
-func writeAt(t testing.TB, path string, off int64, b []byte) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
+// exportThrough runs xapi's command line args on the host, the image's
+// content in raw behind the device dev, and checks the export: equal to
+// raw, its allocation named as alloc with image, read from the device no
+// more than the allocated bytes. It returns the "export started" entry
+// and the bytes read.
+func (h *xapiHost) exportThrough(dev, raw, out string, allocated int64, alloc, image string, args ...string) (journalEntry, int64) {
+	h.t.Helper()
+	before := sectorsRead(h.t, dev)
+	started, warnings := h.export(out, args...)
+	read := (sectorsRead(h.t, dev) - before) * 512
+	qemutest.Compare(h.t, out, raw)
+	checkAllocation(h.t, started, warnings, alloc, image)
+	if read > hybridReadBound(allocated) {
+		h.t.Fatalf("%s read %d bytes from the device; the image allocates %d", args[0], read, allocated)
 	}
-	defer f.Close()
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
+	return started, read
 }
 
 // checkDiff judges a diff with qemu-img: named onto the base's raw content
@@ -99,14 +105,7 @@ func TestDiscoveryVHDFileSR(t *testing.T) {
 	h.tapdisk(4242, minor, "0", "vhd:"+paths[2])
 
 	out := filepath.Join(h.dir, "full.qcow2")
-	before := sectorsRead(t, dev)
-	started, warnings := h.export(out, "qcow2-to-stdout.py", vdi)
-	read := (sectorsRead(t, dev) - before) * 512
-	qemutest.Compare(t, out, raw)
-	checkAllocation(t, started, warnings, "vhd", paths[2])
-	if alloc := clustersOf(regions); read > hybridReadBound(alloc) {
-		t.Fatalf("read %d bytes from the device; the chain allocates %d", read, alloc)
-	}
+	_, read := h.exportThrough(dev, raw, out, clustersOf(regions), "vhd", paths[2], "qcow2-to-stdout.py", vdi)
 	if calls := h.tapCtlCalls(); !slices.Contains(calls, fmt.Sprintf("list -m %d", minor)) {
 		t.Fatalf("tap-ctl was run as %q, want list -m %d", calls, minor)
 	}
@@ -124,7 +123,7 @@ func TestDiscoveryVHDFileSR(t *testing.T) {
 	h.tapdisk(4243, baseMinor, "0", "vhd:"+paths[1])
 	diff := filepath.Join(h.dir, "diff.qcow2")
 	s0, b0 := sectorsRead(t, dev), sectorsRead(t, baseDev)
-	started, warnings = h.export(diff, "qcow2-to-stdout.py", vdi, "--diff", baseVdi)
+	started, warnings := h.export(diff, "qcow2-to-stdout.py", vdi, "--diff", baseVdi)
 	srcRead, baseRead := (sectorsRead(t, dev)-s0)*512, (sectorsRead(t, baseDev)-b0)*512
 	checkAllocation(t, started, warnings, "vhd", paths[2])
 	if started["BASE_IMAGE"] != paths[1] || started["BASE"] != baseVdi {
@@ -205,15 +204,7 @@ func TestDiscoveryLVM(t *testing.T) {
 	dev := quietLoop(t, raw)
 	vdi, minor := h.vdi(dev, "5e6f7a8b-leaf")
 	h.tapdisk(3117, minor, "0", "vhd:"+lvPaths[1])
-	out := filepath.Join(h.dir, "lvm.qcow2")
-	before := sectorsRead(t, dev)
-	started, warnings := h.export(out, "qcow2-to-stdout.py", vdi)
-	read := (sectorsRead(t, dev) - before) * 512
-	qemutest.Compare(t, out, raw)
-	checkAllocation(t, started, warnings, "vhd", lvPaths[1])
-	if alloc := clustersOf(regions); read > hybridReadBound(alloc) {
-		t.Fatalf("read %d bytes from the device; the chain allocates %d", read, alloc)
-	}
+	h.exportThrough(dev, raw, filepath.Join(h.dir, "lvm.qcow2"), clustersOf(regions), "vhd", lvPaths[1], "qcow2-to-stdout.py", vdi)
 }
 
 // TestDiscoveryQcow2Chain: an XCP-ng qcow2 SR: tapdisk's driver qcow2, a
@@ -236,27 +227,12 @@ func TestDiscoveryQcow2Chain(t *testing.T) {
 	vdi, minor := h.vdi(dev, "c0ffee-vdi")
 	h.tapdisk(77, minor, "0", "qcow2:"+top)
 	out := filepath.Join(h.dir, "out.qcow2")
-	before := sectorsRead(t, dev)
-	started, warnings := h.export(out, "qcow2-to-stdout.py", vdi)
-	read := (sectorsRead(t, dev) - before) * 512
-	qemutest.Compare(t, out, raw)
-	checkAllocation(t, started, warnings, "qcow2", top)
 	alloc := allocatedBytes(t, top)
-	if read > hybridReadBound(alloc) {
-		t.Fatalf("read %d bytes from the device; the chain allocates %d", read, alloc)
-	}
-
+	h.exportThrough(dev, raw, out, alloc, "qcow2", top, "qcow2-to-stdout.py", vdi)
 	// vhd-tool's command line (stream, raw source) discovers the same.
 	os.Remove(out)
-	before = sectorsRead(t, dev)
-	started, warnings = h.export(out, "stream", "--source-protocol", "none", "--source-format", "raw", "--source", vdi,
+	h.exportThrough(dev, raw, out, alloc, "qcow2", top, "stream", "--source-protocol", "none", "--source-format", "raw", "--source", vdi,
 		"--destination-protocol", "none", "--destination-format", "qcow2", "--destination", "file://"+out, "--direct", "--path", "/dev/mapper:.")
-	read = (sectorsRead(t, dev) - before) * 512
-	qemutest.Compare(t, out, raw)
-	checkAllocation(t, started, warnings, "qcow2", top)
-	if read > hybridReadBound(alloc) {
-		t.Fatalf("stream read %d bytes from the device; the chain allocates %d", read, alloc)
-	}
 }
 
 // TestDiscoveryAio: a raw VDI in a file (driver aio): the allocation is the
@@ -275,13 +251,5 @@ func TestDiscoveryAio(t *testing.T) {
 	dev := quietLoop(t, img)
 	vdi, minor := h.vdi(dev, "aio-vdi")
 	h.tapdisk(55, minor, "0", "aio:"+img)
-	out := filepath.Join(h.dir, "out.qcow2")
-	before := sectorsRead(t, dev)
-	started, warnings := h.export(out, "qcow2-to-stdout.py", vdi)
-	read := (sectorsRead(t, dev) - before) * 512
-	qemutest.Compare(t, out, img)
-	checkAllocation(t, started, warnings, "seek-data", img)
-	if alloc := allocated(t, img); read > alloc+directProbes {
-		t.Fatalf("read %d bytes from the device; the file allocates %d", read, alloc)
-	}
+	h.exportThrough(dev, img, filepath.Join(h.dir, "out.qcow2"), allocated(t, img), "seek-data", img, "qcow2-to-stdout.py", vdi)
 }
