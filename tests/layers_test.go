@@ -23,6 +23,7 @@ var layers = map[string]int{
 	"vhdcompat/hybrid":   4,
 	"vhdcompat/hints":    3,
 	"vhdcompat/rawdisk":  2,
+	"vhdcompat/discover": 2,
 	"qcow/inspect":       2,
 	"qcow":               1,
 	"vhdcompat/vhd":      1,

@@ -42,6 +42,9 @@ type ExportRequest struct {
 	// to leave out those that read as zeros. By default each is read
 	// once and sent as read.
 	DetectZeros bool
+	// Discover, when set, finds the images behind the source and base
+	// devices when no hint and no hybrid image is given (discovery.go).
+	Discover *DiscoverRequest
 
 	// Out is the output when it is known before anything is opened (the
 	// drop-in's stdout): a terminal is then refused before the source is
@@ -105,10 +108,15 @@ func Export(env *Env, req *ExportRequest) error {
 		r.Base, r.Hybrid = "", &c
 		req = &r
 	}
+	// Precedence: xapi's hints, an image named on the command line, the
+	// images discovery finds, then SEEK_DATA or the scan. Discovery opens
+	// the base device itself: a diff from two chains reads nothing of it.
+	hinted := req.Hints.Source.Given() || req.Hints.Base.Given() || req.Hints.ChangedBlocks.Given()
+	discovering := req.Discover != nil && req.SourceFile == nil && req.Hybrid == nil && !hinted
 	var base *hints.Disk
-	if req.Base != "" {
-		if x.Base, err = rawdisk.OpenWith(req.Base, disk); err != nil {
-			return fmt.Errorf("base %w", err)
+	if req.Base != "" && !discovering {
+		if err := x.openBase(req.Base, disk); err != nil {
+			return err
 		}
 		base = &hints.Disk{Name: x.Base.Path(), Size: x.Base.Size()}
 	}
@@ -120,10 +128,21 @@ func Export(env *Env, req *ExportRequest) error {
 		x.ClusterBits = h.ClusterBits
 	}
 	x.SourceExtents, x.BaseExtents, x.Changed = h.SourceExtents, h.BaseExtents, h.Changed
-	if req.Hybrid != nil {
+	switch {
+	case hinted:
+		x.Allocation = AllocHints
+	case req.Hybrid != nil:
 		if err := x.loadHybrid(req.Hybrid); err != nil {
 			return err
 		}
+		x.SourceImage = req.Hybrid.Image
+	case discovering:
+		if err := x.discoverExport(env, req, disk); err != nil {
+			return err
+		}
+	}
+	if x.Allocation == "" {
+		x.Allocation = x.allocationSource()
 	}
 	if x.Out == nil {
 		if x.Out, x.OutName, err = req.OpenOut(); err != nil {
@@ -159,6 +178,23 @@ type openedExport struct {
 	Progress            func(done, total uint64)
 	RefuseTerminal      bool
 	OutputCarriesStream bool
+	// Allocation names where the allocation comes from (hints, vhd,
+	// qcow2, seek-data, scan) and SourceImage the image it was read
+	// from, for the journal.
+	Allocation  string
+	SourceImage string
+	// BaseDevice names the base device of a diff that comes from the
+	// chains alone (Base is then nil), for the journal.
+	BaseDevice string
+}
+
+// openBase opens the base disk of a diff.
+func (x *openedExport) openBase(path string, disk rawdisk.Options) error {
+	var err error
+	if x.Base, err = rawdisk.OpenWith(path, disk); err != nil {
+		return fmt.Errorf("base %w", err)
+	}
+	return nil
 }
 
 // Close releases the export's disks.
@@ -184,6 +220,12 @@ func (r *openedExport) run(env *Env) error {
 		"cluster_size", uint64(1) << r.ClusterBits, "direct", r.Source.Direct()}
 	if r.Base != nil {
 		attrs = append(attrs, "base", r.Base.Path())
+	} else if r.BaseDevice != "" {
+		attrs = append(attrs, "base", r.BaseDevice)
+	}
+	attrs = append(attrs, "allocation", r.Allocation)
+	if r.SourceImage != "" {
+		attrs = append(attrs, "image", r.SourceImage)
 	}
 	if r.BaseName != "" {
 		attrs = append(attrs, "base_image", r.BaseName)

@@ -103,6 +103,7 @@ func (x *openedExport) loadHybrid(h *HybridRequest) error {
 		return fmt.Errorf("allocation of %s: %w", h.Image, err)
 	}
 	x.SourceExtents, x.ExactExtents = plan.Source, true
+	x.Allocation = string(src.Layers[0].Format)
 	if base != nil {
 		x.BaseExtents, x.Compare, x.BaseName = plan.Base, plan.Compare, h.BaseImage
 	}

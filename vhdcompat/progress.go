@@ -27,7 +27,7 @@ type ProgressFlags struct {
 // qcow2 transfer does; they are accepted so that xapi's command lines work.
 type CompatFlags struct {
 	TarFilenamePrefix string `name:"tar-filename-prefix" help:"Accepted for vhd-tool compatibility (the tar protocol is not supported)." placeholder:"P"`
-	Path              string `help:"Colon-separated directories where the parent images of --source-format hybrid are searched (xapi passes /dev/mapper:.)." placeholder:"PATHS"`
+	Path              string `help:"Colon-separated directories where the parent images of --source-format hybrid, and of a discovered image, are searched after the image's own directory (xapi passes /dev/mapper:.; a discovered image's default)." placeholder:"PATHS"`
 	Debug             bool   `help:"Log debug detail to stderr."`
 	Verbose           bool   `short:"v" help:"Log progress and details to stderr."`
 }

@@ -30,6 +30,7 @@ type StreamCmd struct {
 	BaseAllocHeader     string `name:"base-allocation-header" help:"Older xapi's JSON header for the base." placeholder:"FILE"`
 	DetectZeros         bool   `name:"detect-zeros" help:"Read the clusters a trusted allocation names (--source-format hybrid, --allocation-map, --allocation-header) once more before sending them, and leave out those that read as zeros (a diff sends them as zero clusters): fewer bytes on the link for a second read of the allocated data. By default the allocation is trusted, as vhd-tool and xapi trust theirs: each allocated cluster is read once and sent as read. A scanned raw disk always leaves its zero clusters out."`
 	ChangedBlocks       string `help:"Changed block tracking bitmap (base64, from VDI.list_changed_blocks; a path or fd://N): export only the flagged 64 KiB blocks." placeholder:"FILE"`
+	NoDiscovery         bool   `name:"no-discovery" help:"Do not look for the image behind a blktap or NBD device (tap-ctl): without hints, read the whole device."`
 	DiskIOFlags
 	ProgressFlags
 	CompatFlags
@@ -44,6 +45,12 @@ differ from the base are stored. Where the allocation comes from the image
 behind the disk (--source-format hybrid, --allocation-map) it is trusted: each
 allocated cluster is read once and sent as read (--detect-zeros reads them
 first to leave zero clusters out).
+
+Without allocation hints, the image behind a blktap or NBD device (a VHD or
+qcow2 chain, or a raw file) is found as xapi finds it (/proc/devices,
+/usr/sbin/tap-ctl list, /var/run/nonpersistent/nbd) and only what it
+allocates is read; --no-discovery reads the whole device instead. The
+journal names where each export's allocation came from.
 
 Examples:
   xapi-qcow-tool stream --source disk.img > disk.qcow2
@@ -84,6 +91,12 @@ func (c *StreamCmd) Run(env *Env) error {
 		return &UsageError{"--source is required (a path, file://PATH or fd://N)"}
 	}
 	source := c.Source
+	if !c.NoDiscovery && c.SourceFormat != "hybrid" {
+		req.Discover = &DiscoverRequest{Search: XapiSearchPath}
+		if c.Path != "" {
+			req.Discover.Search = searchPath(c.Path)
+		}
+	}
 	if c.SourceFormat == "hybrid" {
 		var err error
 		if source, req.Hybrid, err = c.hybrid(req); err != nil {

@@ -33,8 +33,14 @@ Options (before or after INPUT):
   -d, -R                      external data files: not supported
   --direct, --buffered        O_DIRECT or the page cache for INPUT and BASE (default:
                               O_DIRECT for block devices, the page cache for files)
+  --no-discovery              without hints, do not look for the image behind a
+                              blktap or NBD device (tap-ctl): read all of it
   -v                          log details to stderr
 FD is a descriptor number (fd://N and paths work too).
+
+Without hints, the image behind INPUT and BASE (a VHD or qcow2 chain, or a
+raw file, served by a tapdisk) is found as xapi finds it, and only what it
+allocates is read. The journal names where the allocation came from.
 
 Examples:
   # as xapi runs it (the symlink name selects this command line):
@@ -53,6 +59,7 @@ type dropinArgs struct {
 	legacyBaseFD          string
 	help                  bool
 	direct, buffered      bool
+	noDiscovery           bool
 }
 
 // dropinValueOptions take a value; dropinFlags do not.
@@ -69,12 +76,14 @@ var dropinFlags = map[string]bool{
 	// options.
 	"-v": true, "--verbose": true, "--debug": true,
 	"--direct": true, "--unbuffered": true, "--buffered": true,
+	"--no-discovery": true,
 }
 
 // referenceLongOptions are the reference script's long options, of which
 // argparse accepts any unambiguous prefix (--dif for --diff). Ours
-// (--verbose, --debug, --direct, --unbuffered, --buffered) are matched whole, so that they make no prefix
-// ambiguous that the reference accepts.
+// (--verbose, --debug, --direct, --unbuffered, --buffered, --no-discovery)
+// are matched whole, so that they make no prefix ambiguous that the
+// reference accepts.
 var referenceLongOptions = []string{
 	"--diff", "--help", "--json-header", "--json-header-diff",
 	"--json-header-map", "--json-header-info", "--json-header-diff-map", "--json-header-diff-info",
@@ -257,6 +266,8 @@ func (a *dropinArgs) flag(name string) error {
 		a.direct = true
 	case "--buffered":
 		a.buffered = true
+	case "--no-discovery":
+		a.noDiscovery = true
 	}
 	return nil
 }
@@ -324,6 +335,9 @@ func runQcow2ToStdout(env *vhdcompat.Env, args []string) error {
 		ClusterSize: a.clusterSize, ClusterSizeFlag: "-c",
 		RefcountBits: a.refcountBits, RefcountBitsFlag: "-r",
 		Out: env.Stdout, OutName: "stdout", RefuseTerminal: true,
+	}
+	if !a.noDiscovery {
+		req.Discover = &vhdcompat.DiscoverRequest{Search: vhdcompat.XapiSearchPath}
 	}
 	h := &req.Hints
 	h.Source.Info = hints.Source{Flag: "--json-header-info", Spec: a.infoFD}

@@ -66,6 +66,11 @@ func TestParseDropinArgs(t *testing.T) {
 		{[]string{"d.img", "--json-header-diff-map", "5"}, nil, "--json-header-diff-map needs --diff", "accepted, then fails without the base's headers"},
 		// Ours, for the log: matched whole only, so --d still means --diff.
 		{[]string{"--d", "b", "d.img", "--verbose"}, def(func(a *dropinArgs) { a.base = "b" }), "", "diff b (--verbose is ours)"},
+		{[]string{"d.img", "--diff", "b", "--no-discovery"}, def(func(a *dropinArgs) { a.base, a.noDiscovery = "b", true }), "", "diff b (--no-discovery is ours)"},
+		{[]string{"--no-discovery", "d.img"}, def(func(a *dropinArgs) { a.noDiscovery = true }), "", "input_file d.img (--no-discovery is ours)"},
+		{[]string{"d.img", "--no-disc"}, nil, "unknown option --no-disc", "exit 2: unrecognized arguments (ours is matched whole)"},
+		{[]string{"d.img", "--no-discovery=1"}, nil, "takes no value", "ours takes no value"},
+		{[]string{"d.img", "--no-discovery", "--d", "b"}, def(func(a *dropinArgs) { a.base, a.noDiscovery = "b", true }), "", "--d still means --diff"},
 	} {
 		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
 			got, err := parseDropinArgs(c.args)

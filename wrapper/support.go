@@ -9,6 +9,7 @@ import (
 
 	"github.com/alecthomas/kong"
 
+	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat"
 )
 
@@ -31,11 +32,26 @@ func writeJSON(w io.Writer, v any) error {
 	return err
 }
 
+// discoveryFlag is --no-discovery of info and map.
+type discoveryFlag struct {
+	NoDiscovery bool `name:"no-discovery" help:"Describe a blktap or NBD device's own content, not the image behind it."`
+}
+
+// device describes what is behind path when it is a blktap or NBD device
+// and discovery is on; nil otherwise.
+func (f discoveryFlag) device(env *vhdcompat.Env, path string) *vhdcompat.DeviceInfo {
+	if f.NoDiscovery {
+		return nil
+	}
+	return vhdcompat.DescribeDevice(env, path, vhdcompat.XapiSearchPath)
+}
+
 // InfoCmd describes an image.
 type InfoCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
-	Path string `arg:"" help:"qcow2 or VHD file, or - for a qcow2 stream on stdin."`
+	discoveryFlag
+	Path string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what is behind it), or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -47,10 +63,17 @@ qemu-img info --output=json where qemu has one. For a VHD file (format vpc):
 its type, block size, unique id, parent name and locators, and the bytes
 its sector bitmaps mark.
 
+For a blktap or NBD device (a VDI attached to dom0), what an export of it
+finds behind it (tap-ctl, as xapi does): the tapdisk, the driver, the
+image and its chain, and the bytes an export will read; or why nothing
+was found, in which case an export reads the whole device. --no-discovery
+describes the device's own content instead.
+
 Examples:
 
     xapi-qcow-tool info /var/tmp/disk.qcow2
     xapi-qcow-tool info --output=json /var/tmp/disk.qcow2
+    xapi-qcow-tool info /dev/sm/backend/SR-UUID/VDI-UUID
     curl -s ... | xapi-qcow-tool info -`
 }
 
@@ -59,6 +82,12 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 	dio, err := c.IO()
 	if err != nil {
 		return err
+	}
+	if di := c.device(env, c.Path); di != nil {
+		if c.Output == "json" {
+			return writeJSON(env.Stdout, di)
+		}
+		return di.WriteHuman(env.Stdout)
 	}
 	if vi, err := vhdcompat.InfoVHD(c.Path, dio); err != nil || vi != nil {
 		if err != nil {
@@ -85,7 +114,8 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 type MapCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
-	Path string `arg:"" help:"qcow2 or VHD file, or - for a qcow2 stream on stdin."`
+	discoveryFlag
+	Path string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what an export of it reads), or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -100,9 +130,16 @@ backing file are reported at depth 1, not inspected. A VHD file is mapped
 as qemu-img maps format vpc: stored sectors as data at their offset in the
 file, the rest as zeros, or at depth 1 for a differencing disk.
 
+For a blktap or NBD device, the ranges an export of it reads (data) and
+leaves out, from the image chain found behind it, under a heading naming
+the driver, the image and the chain's depth (with --output=json, an object
+with those fields and the entries as "extents"). --no-discovery maps the
+device's own content instead.
+
 Examples:
 
     xapi-qcow-tool map --output=json /var/tmp/disk.qcow2
+    xapi-qcow-tool map /dev/sm/backend/SR-UUID/VDI-UUID
     cat /var/tmp/disk.qcow2 | xapi-qcow-tool map -`
 }
 
@@ -112,11 +149,40 @@ func (c *MapCmd) Run(env *vhdcompat.Env) error {
 	if err != nil {
 		return err
 	}
+	if di := c.device(env, c.Path); di != nil {
+		return writeDeviceMap(env.Stdout, di, c.Output == "json")
+	}
 	m, err := vhdcompat.Map(env, c.Path, dio)
 	if err != nil {
 		return err
 	}
-	if c.Output == "json" {
+	return writeMap(env.Stdout, m, c.Output == "json")
+}
+
+// writeDeviceMap prints what an export of a device reads: a heading then
+// the map, or one JSON object holding both.
+func writeDeviceMap(w io.Writer, di *vhdcompat.DeviceInfo, asJSON bool) error {
+	m := di.Map()
+	if asJSON {
+		return writeJSON(w, struct {
+			*vhdcompat.DeviceInfo
+			Extents []inspect.MapEntry `json:"extents"`
+		}{di, m})
+	}
+	fmt.Fprintf(w, "# %s: allocation %s", di.Device, di.Allocation)
+	if di.Image != "" {
+		fmt.Fprintf(w, ", %s:%s, chain depth %d", di.Driver, di.Image, di.ChainDepth)
+	}
+	fmt.Fprintf(w, ", %d bytes read by an export\n", di.AllocatedBytes)
+	if di.Error != "" {
+		fmt.Fprintf(w, "# discovery failed: %s\n", di.Error)
+	}
+	return writeMap(w, m, false)
+}
+
+// writeMap prints map entries as qemu-img map does.
+func writeMap(w io.Writer, m []inspect.MapEntry, asJSON bool) error {
+	if asJSON {
 		// qemu-img's layout: one extent per line.
 		var b strings.Builder
 		b.WriteString("[")
@@ -132,10 +198,9 @@ func (c *MapCmd) Run(env *vhdcompat.Env) error {
 			b.WriteString("}")
 		}
 		b.WriteString("]\n")
-		_, err := io.WriteString(env.Stdout, b.String())
+		_, err := io.WriteString(w, b.String())
 		return err
 	}
-	w := env.Stdout
 	fmt.Fprintf(w, "%-18s %-18s %-18s %s\n", "Offset", "Length", "Mapped to", "Kind")
 	for _, e := range m {
 		kind := "unallocated"
