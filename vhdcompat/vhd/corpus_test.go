@@ -184,9 +184,9 @@ func buildCorpus(t testing.TB) ([]corpusFile, string) {
 		// Whole bitmap bytes where libvhdi judges: it misreads a run of
 		// set bits that starts inside a byte in some blocks.
 		im.Write(0, fill(4, 1024))
-		im.Write(12288, fill(5, 4096))
+		im.Write(8192, fill(5, 4096))
 		if bs < 4096 {
-			im.Write(8192+512, fill(6, 512))
+			im.Write(12288+512, fill(6, 512))
 		}
 		want := fmt.Sprintf("Warning: VHD dynamic header at offset 0x200: block size %d", bs)
 		if bs >= 4096 {
