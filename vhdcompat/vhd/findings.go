@@ -65,20 +65,20 @@ type validator struct {
 }
 
 func (c *validator) add(sev Severity, off int64, what, format string, args ...any) {
-	f := Finding{Severity: sev, FormatError: FormatError{Offset: off, What: what, Reason: fmt.Sprintf(format, args...)}}
 	if sev == Corruption {
 		c.rep.Corruptions++
-		if c.first == nil {
-			c.first = &f.FormatError
-		}
 	} else {
 		c.rep.Warnings++
 	}
-	if len(c.rep.Findings) < MaxFindings {
-		c.rep.Findings = append(c.rep.Findings, f)
-	} else {
-		c.rep.NotShown++
+	if len(c.rep.Findings) >= MaxFindings {
+		c.rep.NotShown++ // counted, not formatted: there may be millions
+		return
 	}
+	f := Finding{Severity: sev, FormatError: FormatError{Offset: off, What: what, Reason: fmt.Sprintf(format, args...)}}
+	if sev == Corruption && c.first == nil {
+		c.first = &f.FormatError
+	}
+	c.rep.Findings = append(c.rep.Findings, f)
 }
 
 // corrupt records a corruption and reports whether the open goes on.

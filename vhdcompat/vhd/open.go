@@ -418,17 +418,22 @@ func (c *validator) bat(v *Reader, limit int64, regions []region) bool {
 				continue
 			}
 			b := region{int64(e) * SectorSize, span, ""}
-			if b.start+b.length > limit {
-				v.bat[i+j] = unallocated // unreadable: left out of the walk
-				if !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the image (%#x)", i+j, b.start, limit) {
-					return false
-				}
-				continue
+			bad := b.start+b.length > limit
+			if bad && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the image (%#x)", i+j, b.start, limit) {
+				return false
 			}
 			for _, m := range regions {
-				if overlaps(b, m) && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x overlaps the %s at %#x", i+j, b.start, m.what, m.start) {
-					return false
+				if !bad && overlaps(b, m) {
+					bad = true
+					if !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x overlaps the %s at %#x", i+j, b.start, m.what, m.start) {
+						return false
+					}
 				}
+			}
+			c.rep.AllocatedBlocks++
+			if bad {
+				v.bat[i+j] = unallocated // left out of the walk of the bitmaps
+				continue
 			}
 			allocated = append(allocated, uint32(i+j))
 		}
@@ -450,6 +455,6 @@ func (c *validator) bat(v *Reader, limit int64, regions []region) bool {
 			return false
 		}
 	}
-	c.rep.Blocks, c.rep.AllocatedBlocks = int(n), len(allocated)
+	c.rep.Blocks = int(n)
 	return true
 }
