@@ -138,3 +138,47 @@ func TestHybridTap01BitmapsAt512(t *testing.T) {
 		t.Fatalf("check: exit %d: %s", c.Code, c.Stdout)
 	}
 }
+
+// TestHybridSmallBlocks: blocks of 512 bytes and 2 KiB (the specification
+// allows any power of two of sectors; their bitmap is padded to a sector,
+// as blktap's libvhd pads it) are read, and exported at --cluster-size 512
+// equal to the device.
+func TestHybridSmallBlocks(t *testing.T) {
+	qemutest.Need(t)
+	for _, bs := range []uint32{512, 2048} {
+		t.Run(fmt.Sprint(bs), func(t *testing.T) {
+			dir := t.TempDir()
+			const size = 1 << 20
+			im := vhdtest.New(size)
+			im.BlockSize = bs
+			raw := filepath.Join(dir, "disk.raw")
+			sparseFile(t, raw, size)
+			rf, err := os.OpenFile(raw, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := rand.New(rand.NewSource(int64(bs)))
+			want := [][2]int64{{0, 512}, {3 * 512, 2 * 512}, {100 * 512, 9 * 512}, {size - 512, 512}}
+			for _, w := range want {
+				b := make([]byte, w[1])
+				r.Read(b)
+				im.Write(w[0], b)
+				if _, err := rf.WriteAt(b, w[0]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			rf.Close()
+			img := filepath.Join(dir, "small.vhd")
+			if err := im.Save(img); err != nil {
+				t.Fatal(err)
+			}
+			dev := loopDevice(t, raw, false)
+			out := filepath.Join(dir, "out.qcow2")
+			exportToFile(t, out, "stream", "--source-format", "hybrid", "--source", dev+":"+img, "--cluster-size", "512")
+			qemutest.Compare(t, out, raw)
+			if got := dataExtents(t, out); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("the export stores %v, want %v", got, want)
+			}
+		})
+	}
+}
