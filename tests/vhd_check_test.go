@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"math/rand"
@@ -23,38 +22,23 @@ const vhdCorpus = "../vhdcompat/vhd/testdata/check"
 // it: the exit status, the finding on a line of its own naming its offset,
 // nothing but findings for a clean image, and the same counts in JSON.
 func TestCheckVHDCorpus(t *testing.T) {
-	f, err := os.Open(filepath.Join(vhdCorpus, "MANIFEST"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	n := 0
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		p := strings.SplitN(line, "|", 4)
-		var exit int
-		fmt.Sscan(p[1], &exit)
+	for _, c := range vhdtest.ReadManifest(t, vhdCorpus, 40) {
 		args := []string{"check"}
-		if p[2] != "" {
+		if len(c.Search) > 0 {
 			var dirs []string
-			for _, d := range strings.Split(p[2], ":") {
+			for _, d := range c.Search {
 				dirs = append(dirs, filepath.Join(vhdCorpus, d))
 			}
 			args = append(args, "--path", strings.Join(dirs, ":"))
 		}
-		img := filepath.Join(vhdCorpus, p[0])
-		n++
-		t.Run(p[0], func(t *testing.T) {
+		img := filepath.Join(vhdCorpus, c.Path)
+		t.Run(c.Path, func(t *testing.T) {
 			r := runTool(t, nil, append(args, img)...)
 			out := string(r.Stdout) + string(r.Stderr)
-			if r.Code != exit || !strings.Contains(out, p[3]) {
-				t.Fatalf("exit %d:\n%s\nwant exit %d and %q", r.Code, out, exit, p[3])
+			if r.Code != c.Exit || !strings.Contains(out, c.Want) {
+				t.Fatalf("exit %d:\n%s\nwant exit %d and %q", r.Code, out, c.Exit, c.Want)
 			}
-			if exit == 1 && p[3] == "not a VHD image" {
+			if c.Exit == 1 && c.Want == "not a VHD image" {
 				return // no VHD: checked as qcow2, refused in one line
 			}
 			lines := 0
@@ -66,52 +50,37 @@ func TestCheckVHDCorpus(t *testing.T) {
 					}
 				}
 			}
-			if p[3] == "" && lines > 0 {
-				t.Fatalf("a clean image has findings:\n%s", r.Stdout)
-			}
-			if p[3] != "" && lines == 0 {
-				t.Fatalf("no finding line:\n%s", r.Stdout)
+			if (c.Want == "") != (lines == 0) {
+				t.Fatalf("%d finding lines, want %q:\n%s", lines, c.Want, r.Stdout)
 			}
 			j := runTool(t, nil, append(append(args, "--output=json"), img)...)
 			var res struct {
-				Format      string `json:"format"`
-				Corruptions int    `json:"corruptions"`
-				CheckErrors int    `json:"check-errors"`
-				Findings    []struct {
+				Format   string `json:"format"`
+				Findings []struct {
 					Severity, Message string
 					Offset            *int64
 				} `json:"findings"`
 			}
-			if err := json.Unmarshal(j.Stdout, &res); err != nil || j.Code != exit || res.Format != "vpc" || len(res.Findings) != lines {
+			if err := json.Unmarshal(j.Stdout, &res); err != nil || j.Code != c.Exit || res.Format != "vpc" || len(res.Findings) != lines {
 				t.Fatalf("json (exit %d, %v): %s", j.Code, err, j.Stdout)
 			}
 		})
 	}
-	if n < 40 {
-		t.Fatalf("%d cases", n)
-	}
 }
 
-// TestHybridTap01BitmapsAt512: an image of tap 0.1 keeps its sector
-// bitmaps least significant bit first; exported sector by sector
-// (--cluster-size 512) it gives the device's data exactly, where reading
-// the bitmaps the other way round would export other sectors.
-func TestHybridTap01BitmapsAt512(t *testing.T) {
-	qemutest.Need(t)
+// exportAt512 writes the sectors want (random data) into im and into a raw
+// file, exports the raw file on a loop device with the hybrid source over
+// im at --cluster-size 512, and checks that the export reads as the device
+// and stores exactly want. It returns the image's path.
+func exportAt512(t *testing.T, im *vhdtest.Image, want [][2]int64, seed int64) string {
 	dir := t.TempDir()
-	const size = 4 << 20
-	im := vhdtest.New(size)
-	im.CreatorVersion = 1 // tap 0.1
 	raw := filepath.Join(dir, "disk.raw")
-	sparseFile(t, raw, size)
+	sparseFile(t, raw, im.Size)
 	rf, err := os.OpenFile(raw, os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := rand.New(rand.NewSource(21))
-	// Single sectors where the two bit orders differ (1 and 6 swap), a
-	// run across a byte, and one in the second block.
-	want := [][2]int64{{512, 512}, {7 * 512, 3 * 512}, {40 * 512, 512}, {2<<20 + 9*512, 512}}
+	r := rand.New(rand.NewSource(seed))
 	for _, w := range want {
 		b := make([]byte, w[1])
 		r.Read(b)
@@ -121,7 +90,7 @@ func TestHybridTap01BitmapsAt512(t *testing.T) {
 		}
 	}
 	rf.Close()
-	img := filepath.Join(dir, "tap01.vhd")
+	img := filepath.Join(dir, "disk.vhd")
 	if err := im.Save(img); err != nil {
 		t.Fatal(err)
 	}
@@ -132,6 +101,20 @@ func TestHybridTap01BitmapsAt512(t *testing.T) {
 	if got := dataExtents(t, out); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("the export stores %v, want %v", got, want)
 	}
+	return img
+}
+
+// TestHybridTap01BitmapsAt512: an image of tap 0.1 keeps its sector
+// bitmaps least significant bit first; exported sector by sector
+// (--cluster-size 512) it gives the device's data exactly, where reading
+// the bitmaps the other way round would export other sectors.
+func TestHybridTap01BitmapsAt512(t *testing.T) {
+	qemutest.Need(t)
+	im := vhdtest.New(4 << 20)
+	im.CreatorVersion = 1 // tap 0.1
+	// Single sectors where the two bit orders differ (1 and 6 swap), a
+	// run across a byte, and one in the second block.
+	img := exportAt512(t, im, [][2]int64{{512, 512}, {7 * 512, 3 * 512}, {40 * 512, 512}, {2<<20 + 9*512, 512}}, 21)
 	// check notes the bit order, and passes the image.
 	c := runTool(t, nil, "check", img)
 	if c.Code != 0 || !strings.Contains(string(c.Stdout), "least significant bit first") {
@@ -147,38 +130,10 @@ func TestHybridSmallBlocks(t *testing.T) {
 	qemutest.Need(t)
 	for _, bs := range []uint32{512, 2048} {
 		t.Run(fmt.Sprint(bs), func(t *testing.T) {
-			dir := t.TempDir()
 			const size = 1 << 20
 			im := vhdtest.New(size)
 			im.BlockSize = bs
-			raw := filepath.Join(dir, "disk.raw")
-			sparseFile(t, raw, size)
-			rf, err := os.OpenFile(raw, os.O_WRONLY, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			r := rand.New(rand.NewSource(int64(bs)))
-			want := [][2]int64{{0, 512}, {3 * 512, 2 * 512}, {100 * 512, 9 * 512}, {size - 512, 512}}
-			for _, w := range want {
-				b := make([]byte, w[1])
-				r.Read(b)
-				im.Write(w[0], b)
-				if _, err := rf.WriteAt(b, w[0]); err != nil {
-					t.Fatal(err)
-				}
-			}
-			rf.Close()
-			img := filepath.Join(dir, "small.vhd")
-			if err := im.Save(img); err != nil {
-				t.Fatal(err)
-			}
-			dev := loopDevice(t, raw, false)
-			out := filepath.Join(dir, "out.qcow2")
-			exportToFile(t, out, "stream", "--source-format", "hybrid", "--source", dev+":"+img, "--cluster-size", "512")
-			qemutest.Compare(t, out, raw)
-			if got := dataExtents(t, out); fmt.Sprint(got) != fmt.Sprint(want) {
-				t.Fatalf("the export stores %v, want %v", got, want)
-			}
+			exportAt512(t, im, [][2]int64{{0, 512}, {3 * 512, 2 * 512}, {100 * 512, 9 * 512}, {size - 512, 512}}, int64(bs))
 		})
 	}
 }

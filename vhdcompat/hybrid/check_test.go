@@ -1,7 +1,6 @@
 package hybrid
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -16,47 +15,22 @@ import (
 // a piece of its finding (see vhd's corpus_test.go, which builds it).
 const corpus = "../vhd/testdata/check"
 
-type corpusCase struct {
-	path, want string
-	exit       int
-	search     []string
-}
-
-func readCorpus(t *testing.T) []corpusCase {
-	f, err := os.Open(filepath.Join(corpus, "MANIFEST"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []corpusCase
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if l := sc.Text(); l != "" && l[0] != '#' {
-			p := strings.SplitN(l, "|", 4)
-			c := corpusCase{path: filepath.Join(corpus, p[0]), want: p[3]}
-			fmt.Sscan(p[1], &c.exit)
-			for _, d := range strings.Split(p[2], ":") {
-				if d != "" {
-					c.search = append(c.search, filepath.Join(corpus, d))
-				}
-			}
-			out = append(out, c)
-		}
-	}
-	if len(out) < 40 {
-		t.Fatalf("%d cases in the corpus", len(out))
-	}
-	return out
-}
-
 // TestCorpusCheckAndRefusal: check gives every image of the corpus (and
 // its chain) its finding and exit status, and the hybrid source's chain
 // opener (with the walk of each layer's bitmaps) refuses exactly the
 // images check calls corrupt, with the words of check's first corruption;
 // a parent not found is refused naming the paths tried.
 func TestCorpusCheckAndRefusal(t *testing.T) {
-	for _, c := range readCorpus(t) {
-		t.Run(strings.TrimPrefix(c.path, corpus+"/"), func(t *testing.T) {
+	for _, m := range vhdtest.ReadManifest(t, corpus, 40) {
+		c := struct {
+			path, want string
+			exit       int
+			search     []string
+		}{filepath.Join(corpus, m.Path), m.Want, m.Exit, nil}
+		for _, d := range m.Search {
+			c.search = append(c.search, filepath.Join(corpus, d))
+		}
+		t.Run(m.Path, func(t *testing.T) {
 			f, err := os.Open(c.path)
 			if err != nil {
 				t.Fatal(err)

@@ -1,7 +1,6 @@
 package vhd_test
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
@@ -34,43 +33,6 @@ const (
 	batmapHeaderAt = 2048
 	batmapAt       = 2560
 )
-
-// CorpusCase is one line of the MANIFEST: an image (the top of a chain for
-// the chain cases, in a directory of its own), check's exit status, and a
-// piece of the line the finding prints ("" for a clean image).
-type CorpusCase struct {
-	Path   string
-	Exit   int
-	Search string // --path for the chain cases, relative to the corpus
-	Want   string
-}
-
-// ReadManifest parses the MANIFEST: path|exit|search|finding.
-func ReadManifest(t testing.TB, dir string) []CorpusCase {
-	t.Helper()
-	f, err := os.Open(filepath.Join(dir, "MANIFEST"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []CorpusCase
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		p := strings.SplitN(line, "|", 4)
-		if len(p) != 4 {
-			t.Fatalf("MANIFEST line %q", line)
-		}
-		var c CorpusCase
-		c.Path, c.Search, c.Want = p[0], p[2], p[3]
-		fmt.Sscan(p[1], &c.Exit)
-		out = append(out, c)
-	}
-	return out
-}
 
 func id(b byte) [16]byte {
 	var u [16]byte
@@ -334,7 +296,7 @@ func TestCorpus(t *testing.T) {
 	if m, _ := os.ReadFile(filepath.Join(corpusDir, "MANIFEST")); string(m) != manifest {
 		t.Fatal("MANIFEST is not what buildCorpus builds (run go test -run TestCorpus -update)")
 	}
-	for _, c := range ReadManifest(t, corpusDir) {
+	for _, c := range vhdtest.ReadManifest(t, corpusDir, 40) {
 		if strings.Contains(c.Path, "/") {
 			continue // a chain: the hybrid package's
 		}
@@ -396,8 +358,8 @@ func firstCorruption(rep *vhd.Report) string {
 // child) or zeros.
 func TestCleanImagesReadByLibvhdi(t *testing.T) {
 	n := 0
-	for _, c := range ReadManifest(t, corpusDir) {
-		if c.Exit != 0 || c.Want != "" || c.Search != "" {
+	for _, c := range vhdtest.ReadManifest(t, corpusDir, 40) {
+		if c.Exit != 0 || c.Want != "" || len(c.Search) > 0 {
 			continue
 		}
 		n++
