@@ -27,7 +27,8 @@ FUZZ_TARGETS ?= \
 	./vhdcompat/hints:FuzzParseChangedBlocks:50000x \
 	./wrapper:FuzzDropinArgs:50000x \
 	./vhdcompat/vhd:FuzzNewReader:50000x \
-	./vhdcompat/discover:FuzzParseTapCtlLine:100000x
+	./vhdcompat/discover:FuzzParseTapCtlLine:100000x \
+	./vhdcompat/vhd:FuzzCheck:5000x
 FUZZTIME ?= 10m
 FUZZ_PARALLEL ?=
 

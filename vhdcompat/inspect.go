@@ -7,6 +7,7 @@ import (
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/hybrid"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/rawdisk"
+	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
 )
 
 // The support commands' requests: each names a qcow2 file or block device,
@@ -32,7 +33,14 @@ func Map(env *Env, path string, dio rawdisk.IO) ([]inspect.MapEntry, error) {
 
 // Check checks the structure of the image at path, as qemu-img check does.
 func Check(env *Env, path string, dio rawdisk.IO) (*inspect.CheckResult, error) {
-	return inspectPath(env, "check", path, dio, func(d *rawdisk.Disk) (*inspect.CheckResult, error) { return inspect.CheckFile(d.Unaligned(), d.Size()) }, inspect.CheckStream)
+	return inspectPath(env, "check", path, dio, func(d *rawdisk.Disk) (*inspect.CheckResult, error) {
+		res, err := inspect.CheckFile(d.Unaligned(), d.Size())
+		if err != nil && !inspect.IsQcow2(d.Unaligned()) {
+			// CheckVHD found no VHD either.
+			err = fmt.Errorf("%w, and %v", err, vhd.ErrNotVHD)
+		}
+		return res, err
+	}, inspect.CheckStream)
 }
 
 // Compare compares what the disks at paths a and b read as, each raw or

@@ -2,11 +2,9 @@ package inspect
 
 import (
 	"bytes"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"runtime/metrics"
 	"testing"
 	"time"
 
@@ -46,37 +44,9 @@ func inspectSeeds(f *testing.F) [][]byte {
 	return seeds
 }
 
-// bounded runs fn, failing the test if it adds more than fuzzHeapBound to
-// the heap and crashing the worker (which reports the input) if it takes
-// longer than fuzzHang. The heap is sampled every millisecond: an
-// allocation large enough to matter lives longer than that while it is
-// filled.
+// bounded runs fn within fuzzHeapBound and fuzzHang (zerotail.Bounded).
 func bounded(t *testing.T, what string, fn func()) {
-	hang := time.AfterFunc(fuzzHang, func() { panic(fmt.Sprintf("%s: no result after %v", what, fuzzHang)) })
-	defer hang.Stop()
-	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
-	heap := func() uint64 { metrics.Read(sample); return sample[0].Value.Uint64() }
-	base := heap()
-	stop, peak := make(chan struct{}), make(chan uint64)
-	go func() {
-		var top uint64
-		tick := time.NewTicker(time.Millisecond)
-		defer tick.Stop()
-		for {
-			top = max(top, heap())
-			select {
-			case <-stop:
-				peak <- max(top, heap())
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	fn()
-	close(stop)
-	if p := <-peak; p > base && p-base > fuzzHeapBound {
-		t.Fatalf("%s: the heap grew by %d MiB (bound %d MiB)", what, (p-base)>>20, fuzzHeapBound>>20)
-	}
+	zerotail.Bounded(t, what, fuzzHeapBound, fuzzHang, fn)
 }
 
 // checkMap checks that a map covers [0, size) once, in order.

@@ -27,6 +27,23 @@ type Image struct {
 	// W2ru locator ("./name").
 	Parent     *Image
 	ParentName string
+	// ParentTimestamp, when not zero, is recorded instead of the parent's
+	// footer time stamp.
+	ParentTimestamp uint32
+
+	// CreatorApp and CreatorVersion are the footer's (default "tap" 1.3,
+	// what blktap writes). tap 1.2 and later images get blktap's batmap
+	// (a bit per block, set where the block is full); tap 0.1 images get
+	// least-significant-bit-first sector bitmaps, as libvhd wrote them.
+	CreatorApp     string
+	CreatorVersion uint32
+	// Hidden is blktap's hidden flag; with HiddenUnsummed the footer's
+	// checksum leaves it out, as early tapdisk (tap 0.1, 1.1) wrote it,
+	// and only the copy at offset 0 carries it.
+	Hidden         byte
+	HiddenUnsummed bool
+	// ShortFooter writes the footer at the end 511 bytes long.
+	ShortFooter bool
 
 	blocks map[int64]*block
 }
@@ -38,7 +55,7 @@ type block struct {
 
 // New returns a dynamic image of size bytes.
 func New(size int64) *Image {
-	im := &Image{Size: size, BlockSize: 2 << 20, Timestamp: 0x2a000000, blocks: map[int64]*block{}}
+	im := &Image{Size: size, BlockSize: 2 << 20, Timestamp: 0x2a000000, CreatorApp: "tap", CreatorVersion: 0x00010003, blocks: map[int64]*block{}}
 	if _, err := rand.Read(im.UniqueID[:]); err != nil {
 		panic(err)
 	}
@@ -69,13 +86,35 @@ func (im *Image) Write(off int64, p []byte) {
 		n := min(int64(len(p)), bs-within)
 		copy(b.data[within:], p[:n])
 		for s := within / 512; s < (within+n)/512; s++ {
-			b.bitmap[s/8] |= 0x80 >> (s % 8)
+			if im.lsbBitmaps() {
+				b.bitmap[s/8] |= 1 << (s % 8)
+			} else {
+				b.bitmap[s/8] |= 0x80 >> (s % 8)
+			}
 		}
 		p, off = p[n:], off+n
 	}
 }
 
-func bitmapBytes(bs int64) int64 { return (bs/512/8 + 511) / 512 * 512 }
+func (im *Image) lsbBitmaps() bool { return im.CreatorApp == "tap" && im.CreatorVersion == 1 }
+
+func (im *Image) hasBatmap() bool { return im.CreatorApp == "tap" && im.CreatorVersion >= 0x00010002 }
+
+// full reports whether every sector of the block is written.
+func (im *Image) full(b *block) bool {
+	for s := int64(0); s < int64(im.BlockSize)/512; s++ {
+		bit := byte(0x80 >> (s % 8))
+		if im.lsbBitmaps() {
+			bit = 1 << (s % 8)
+		}
+		if b.bitmap[s/8]&bit == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func bitmapBytes(bs int64) int64 { return ((bs/512+7)/8 + 511) / 512 * 512 }
 
 func checksum(b []byte) uint32 {
 	var s uint32
@@ -85,15 +124,15 @@ func checksum(b []byte) uint32 {
 	return ^s
 }
 
-func (im *Image) footer(dataOffset uint64) []byte {
+func (im *Image) footer(dataOffset uint64, hidden byte) []byte {
 	f := make([]byte, 512)
 	copy(f, "conectix")
 	be.PutUint32(f[8:], 2)
 	be.PutUint32(f[12:], 0x00010000)
 	be.PutUint64(f[16:], dataOffset)
 	be.PutUint32(f[24:], im.Timestamp)
-	copy(f[28:], "tap\x00")
-	be.PutUint32(f[32:], 0x00010003)
+	copy(f[28:32], im.CreatorApp+"\x00\x00\x00\x00")
+	be.PutUint32(f[32:], im.CreatorVersion)
 	copy(f[36:], "Wi2k")
 	be.PutUint64(f[40:], uint64(im.Size))
 	be.PutUint64(f[48:], uint64(im.Size))
@@ -104,7 +143,11 @@ func (im *Image) footer(dataOffset uint64) []byte {
 	}
 	be.PutUint32(f[60:], typ)
 	copy(f[68:], im.UniqueID[:])
+	if !im.HiddenUnsummed {
+		f[85] = hidden
+	}
 	be.PutUint32(f[64:], checksum(f))
+	f[85] = hidden
 	return f
 }
 
@@ -134,9 +177,35 @@ func (im *Image) Save(path string) error {
 	be.PutUint32(hdr[28:], uint32(entries))
 	be.PutUint32(hdr[32:], im.BlockSize)
 	var locData [][2]any
+	var batmap []byte
+	batmapAt := next
+	if im.hasBatmap() {
+		mapBytes := max((im.Size>>24+511)/512*512, 512)
+		secs := max(mapBytes, ((entries+7)/8+511)/512*512) / 512
+		batmap = make([]byte, 512+secs*512)
+		copy(batmap, "tdbatmap")
+		be.PutUint64(batmap[8:], uint64(next+512))
+		be.PutUint32(batmap[16:], uint32(secs))
+		be.PutUint32(batmap[20:], 0x00010002)
+		for i, b := range im.blocks {
+			if im.full(b) {
+				batmap[512+i/8] |= 0x80 >> (i % 8)
+			}
+		}
+		var sum uint32
+		for _, c := range batmap[512 : 512+mapBytes] {
+			sum += uint32(c)
+		}
+		be.PutUint32(batmap[24:], ^sum)
+		next += int64(len(batmap))
+	}
 	if im.Parent != nil {
 		copy(hdr[40:], im.Parent.UniqueID[:])
-		be.PutUint32(hdr[56:], im.Parent.Timestamp)
+		ts := im.Parent.Timestamp
+		if im.ParentTimestamp != 0 {
+			ts = im.ParentTimestamp
+		}
+		be.PutUint32(hdr[56:], ts)
 		copy(hdr[64:576], utf16Bytes(im.ParentName, binary.BigEndian))
 		macx := []byte("file://./" + im.ParentName)
 		w2ru := utf16Bytes(`.\`+im.ParentName, binary.LittleEndian)
@@ -180,12 +249,23 @@ func (im *Image) Save(path string) error {
 		return err
 	}
 	defer f.Close()
-	foot := im.footer(headerAt)
-	writes := [][2]any{{int64(0), foot}, {int64(headerAt), hdr}, {int64(batAt), bat}}
+	writes := [][2]any{{int64(0), im.footer(headerAt, im.Hidden)}, {int64(headerAt), hdr}, {int64(batAt), bat}}
+	if batmap != nil {
+		writes = append(writes, [2]any{batmapAt, batmap})
+	}
 	writes = append(writes, locData...)
 	for _, i := range idx {
 		b := im.blocks[i]
 		writes = append(writes, [2]any{blockAt[i], b.bitmap}, [2]any{blockAt[i] + bitmapBytes(bs), b.data})
+	}
+	// Early tapdisk hid an image in the copy at offset 0 only.
+	hidden := im.Hidden
+	if im.HiddenUnsummed {
+		hidden = 0
+	}
+	foot := im.footer(headerAt, hidden)
+	if im.ShortFooter {
+		foot = foot[:511]
 	}
 	writes = append(writes, [2]any{next, foot})
 	for _, w := range writes {

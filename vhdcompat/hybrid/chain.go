@@ -85,47 +85,51 @@ var ErrTooDeep = fmt.Errorf("chain is deeper than %d images", MaxDepth)
 // Open opens image and its ancestors. Parents with relative names are
 // searched in the child's directory, then in each directory of search
 // (vhd-tool's --path, which xapi passes as "/dev/mapper:."); absolute names
-// are taken as they are.
+// are taken as they are. Every VHD of the chain is validated as check
+// validates it, and refused at its first corruption in check's words.
 func Open(image string, search []string) (*Chain, error) {
-	c := &Chain{}
 	top, err := openLayer(image)
 	if err != nil {
 		return nil, err
 	}
-	c.Layers = append(c.Layers, top)
+	c := &Chain{Layers: []*Layer{top}}
 	if top.Format == Raw {
 		c.Close()
 		return nil, &NotImageError{Path: image}
 	}
-	for l := top; ; {
+	if err := c.openParents(search); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// openParents opens the parents of the chain's last layer, and theirs.
+func (c *Chain) openParents(search []string) error {
+	for l := c.Layers[len(c.Layers)-1]; ; {
 		names, err := l.parentNames()
 		if err != nil {
-			c.Close()
-			return nil, fmt.Errorf("%s: %w", l.Path, err)
+			return fmt.Errorf("%s: %w", l.Path, err)
 		}
 		if len(names) == 0 {
-			return c, nil
+			return nil
 		}
 		if len(c.Layers) >= MaxDepth {
-			c.Close()
-			return nil, fmt.Errorf("%s: %w", image, ErrTooDeep)
+			return fmt.Errorf("%s: %w", c.Layers[0].Path, ErrTooDeep)
 		}
 		p, err := findParent(l, names, search)
 		if err != nil {
-			c.Close()
-			return nil, err
+			return err
 		}
 		for _, seen := range c.Layers {
 			if sameFile(seen.f, p.f) {
 				p.close()
-				c.Close()
-				return nil, &LoopError{Child: l.Path, Parent: p.Path}
+				return &LoopError{Child: l.Path, Parent: p.Path}
 			}
 		}
 		if l.Format == VHD && p.Format != VHD {
 			p.close()
-			c.Close()
-			return nil, fmt.Errorf("%s: parent %s is not a VHD image", l.Path, p.Path)
+			return fmt.Errorf("%s: parent %s is not a VHD image", l.Path, p.Path)
 		}
 		c.Layers = append(c.Layers, p)
 		l = p
@@ -218,20 +222,7 @@ func openLayer(path string) (*Layer, error) {
 func (l *Layer) parentNames() ([]string, error) {
 	switch l.Format {
 	case VHD:
-		if l.vhd.Footer.DiskType != vhd.Differencing {
-			return nil, nil
-		}
-		names, err := l.vhd.ParentPaths()
-		if err != nil {
-			return nil, err
-		}
-		if n := l.vhd.Header.ParentName; n != "" {
-			names = append(names, n)
-		}
-		if len(names) == 0 {
-			return nil, errors.New("differencing VHD names no parent")
-		}
-		return names, nil
+		return l.vhd.ParentNames(), nil
 	case Qcow2:
 		h, err := qcow.ReadHeader(l.f, l.size)
 		if err != nil {
@@ -245,11 +236,16 @@ func (l *Layer) parentNames() ([]string, error) {
 	return nil, nil
 }
 
-// findParent looks for the first name that exists: an absolute name as it
-// is, a relative one in the child's directory then in each search
-// directory (a "." entry is the current directory).
+// findParent looks for the parent under each of its names: an absolute
+// name as it is, a relative one in the child's directory then in each
+// search directory (a "." entry is the current directory). A VHD whose
+// unique id is not the one the child names is passed over (a file of the
+// same name from another chain): the search goes on, and when nothing fits
+// the error names every candidate tried and why it did not fit.
 func findParent(child *Layer, names, search []string) (*Layer, error) {
 	var tried []string
+	var wrong []string // candidates of another chain, with their ids
+	var damaged error  // the first candidate that is no image we can read
 	seen := map[string]bool{}
 	dirs := append([]string{filepath.Dir(child.Path)}, search...)
 	for _, name := range names {
@@ -272,30 +268,57 @@ func findParent(child *Layer, names, search []string) (*Layer, error) {
 			}
 			l, err := openLayer(p)
 			if err != nil {
-				return nil, fmt.Errorf("parent of %s: %w", child.Path, err)
+				if damaged == nil {
+					damaged = fmt.Errorf("parent of %s: %w", child.Path, err)
+				}
+				continue
 			}
-			if err := checkParent(child, l); err != nil {
+			if why := notParent(child, l); why != "" {
+				wrong = append(wrong, why)
 				l.close()
-				return nil, err
+				continue
 			}
 			return l, nil
 		}
 	}
+	switch {
+	case damaged != nil:
+		return nil, damaged
+	case len(wrong) > 0:
+		want := child.vhd.Header.ParentUniqueID
+		return nil, &WrongParentError{Child: child.Path, Parent: names[0], UniqueID: uuid(want), Candidates: wrong, Tried: tried}
+	}
 	return nil, &MissingParentError{Child: child.Path, Parent: names[0], Tried: tried, Search: search}
 }
 
-// checkParent refuses a VHD parent whose unique id is not the one the child
-// recorded: a file of the same name from another chain would give the
-// child wrong data.
-func checkParent(child, parent *Layer) error {
+// WrongParentError is a parent found under its name, in every place
+// searched, only in files whose unique id is not the one the child names.
+type WrongParentError struct {
+	Child, Parent string
+	UniqueID      string   // the one the child names
+	Candidates    []string // each file of the right name, and its id
+	Tried         []string
+}
+
+func (e *WrongParentError) Error() string {
+	return fmt.Sprintf("parent %q of %s not found: no file of that name has the unique id %s the child names (%s; tried %s)",
+		e.Parent, e.Child, e.UniqueID, strings.Join(e.Candidates, ", "), strings.Join(e.Tried, ", "))
+}
+
+// notParent says why a VHD is not the parent a VHD child names: its unique
+// id is not the one the child recorded, and a file of the same name from
+// another chain would give the child wrong data. tapdisk compares only the
+// unique id (its time stamp check is disabled: coalescing and hiding a
+// parent change it), and so does this.
+func notParent(child, parent *Layer) string {
 	if child.Format != VHD || parent.Format != VHD {
-		return nil
+		return ""
 	}
 	want := child.vhd.Header.ParentUniqueID
 	if want == ([16]byte{}) || bytes.Equal(want[:], parent.vhd.Footer.UniqueID[:]) {
-		return nil
+		return ""
 	}
-	return fmt.Errorf("%s is not the parent of %s: its unique id %x is not the %x the child names", parent.Path, child.Path, parent.vhd.Footer.UniqueID, want)
+	return fmt.Sprintf("%s is not the parent of %s: its unique id is %s", parent.Path, child.Path, uuid(parent.vhd.Footer.UniqueID))
 }
 
 // Kind is what a layer says about a range of the guest disk.

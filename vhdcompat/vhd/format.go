@@ -28,10 +28,11 @@ const (
 	// MaxTableEntries bounds the block allocation table read into memory
 	// (4 bytes an entry: 64 MiB), which covers 32 TiB in 2 MiB blocks.
 	MaxTableEntries = 16 << 20
-	// MinBlockSize and MaxBlockSize bound the block size: blktap and qemu
-	// write 2 MiB; the bitmap of the largest block is 32 KiB.
-	MinBlockSize = 4096
-	MaxBlockSize = 128 << 20
+	// MinBlockSize is the smallest block the specification allows (its
+	// sectors per block are a power of two): blktap and qemu write 2 MiB,
+	// libvhdi reads any. Every power of two from here to the largest a
+	// uint32 holds (2 GiB, a 512 KiB bitmap) is accepted.
+	MinBlockSize = SectorSize
 	// MaxLocatorBytes bounds the platform data of a parent locator read
 	// into memory: a path, at most a few KiB in practice.
 	MaxLocatorBytes = 64 << 10
@@ -70,9 +71,9 @@ var ErrNotVHD = errors.New("not a VHD image (no \"conectix\" footer at its start
 // FormatError reports a VHD image the reader refuses: which structure, at
 // which offset of the file, and why.
 type FormatError struct {
-	Offset int64
-	What   string // "footer", "dynamic header", "BAT entry 12", ...
-	Reason string
+	Offset int64  `json:"offset"`
+	What   string `json:"what"` // "footer", "dynamic header", "BAT", ...
+	Reason string `json:"reason"`
 }
 
 func (e *FormatError) Error() string {
@@ -86,17 +87,61 @@ func formatErr(off int64, what, format string, args ...any) error {
 // Footer is the 512-byte structure at the end of every VHD (and, for
 // dynamic and differencing disks, copied at its start).
 type Footer struct {
-	Features     uint32
-	Version      uint32
-	DataOffset   uint64 // the dynamic header; all ones for a fixed disk
-	Timestamp    uint32 // seconds since 2000-01-01 UTC
-	CreatorApp   string
-	OriginalSize uint64
-	CurrentSize  uint64 // the virtual size in bytes
-	DiskType     DiskType
-	Checksum     uint32
-	UniqueID     [16]byte
-	SavedState   bool
+	Features       uint32
+	Version        uint32
+	DataOffset     uint64 // the dynamic header; all ones for a fixed disk
+	Timestamp      uint32 // seconds since 2000-01-01 UTC
+	CreatorApp     string
+	CreatorVersion uint32 // major<<16 | minor
+	OriginalSize   uint64
+	CurrentSize    uint64 // the virtual size in bytes
+	DiskType       DiskType
+	Checksum       uint32
+	UniqueID       [16]byte
+	SavedState     bool
+	// Hidden is blktap's hidden flag (the byte after the saved state).
+	Hidden byte
+	// ChecksumWithoutHidden: the checksum matches only with the hidden
+	// flag counted as zero, as early tapdisk (tap 0.1 and 1.1) left it
+	// when it hid an image; blktap's libvhd accepts it.
+	ChecksumWithoutHidden bool
+
+	raw [FooterSize]byte
+}
+
+// Offsets of footer fields.
+const (
+	footerChecksumAt = 64
+	footerHiddenAt   = 85
+)
+
+// tapVersion is blktap's creator version for major.minor.
+func tapVersion(major, minor uint32) uint32 { return major<<16 | minor }
+
+// tapdisk reports whether blktap's tapdisk wrote the image (creator
+// application "tap"), which decides its quirks.
+func (f *Footer) tapdisk() bool { return f.CreatorApp == "tap" }
+
+// earlyTapdisk is tap 0.1 or 1.1, which set the hidden flag without
+// recomputing the checksum.
+func (f *Footer) earlyTapdisk() bool {
+	return f.tapdisk() && (f.CreatorVersion == tapVersion(0, 1) || f.CreatorVersion == tapVersion(1, 1))
+}
+
+// LSBBitmaps reports whether the sector bitmaps are read least
+// significant bit first in 32-bit little-endian words, as blktap's libvhd
+// reads the images of tap 0.1; every other writer puts the first sector in
+// the most significant bit of the first byte.
+func (f *Footer) LSBBitmaps() bool { return f.tapdisk() && f.CreatorVersion == tapVersion(0, 1) }
+
+// HasBatmap reports whether the image carries blktap's batmap (a bitmap of
+// fully allocated blocks after the BAT): tap 1.2 and later always, tap 1.1
+// when its header is there.
+func (f *Footer) HasBatmap() (always, maybe bool) {
+	if !f.tapdisk() || f.DiskType == Fixed || f.CreatorVersion <= tapVersion(0, 1) {
+		return false, false
+	}
+	return f.CreatorVersion >= tapVersion(1, 2), true
 }
 
 // checksum is the one's complement of the sum of the bytes of b, the
@@ -119,20 +164,26 @@ func ParseFooter(b []byte, off int64) (*Footer, error) {
 		return nil, ErrNotVHD
 	}
 	f := &Footer{
-		Features:     be.Uint32(b[8:]),
-		Version:      be.Uint32(b[12:]),
-		DataOffset:   be.Uint64(b[16:]),
-		Timestamp:    be.Uint32(b[24:]),
-		CreatorApp:   strings.TrimRight(string(b[28:32]), "\x00 "),
-		OriginalSize: be.Uint64(b[40:]),
-		CurrentSize:  be.Uint64(b[48:]),
-		DiskType:     DiskType(be.Uint32(b[60:])),
-		Checksum:     be.Uint32(b[64:]),
-		SavedState:   b[84] != 0,
+		Features:       be.Uint32(b[8:]),
+		Version:        be.Uint32(b[12:]),
+		DataOffset:     be.Uint64(b[16:]),
+		Timestamp:      be.Uint32(b[24:]),
+		CreatorApp:     strings.TrimRight(string(b[28:32]), "\x00 "),
+		CreatorVersion: be.Uint32(b[32:]),
+		OriginalSize:   be.Uint64(b[40:]),
+		CurrentSize:    be.Uint64(b[48:]),
+		DiskType:       DiskType(be.Uint32(b[60:])),
+		Checksum:       be.Uint32(b[footerChecksumAt:]),
+		SavedState:     b[84] != 0,
+		Hidden:         b[footerHiddenAt],
 	}
 	copy(f.UniqueID[:], b[68:84])
-	if sum := checksum(b[:FooterSize], 64); sum != f.Checksum {
-		return nil, formatErr(off, "footer", "bad checksum %#08x (the footer sums to %#08x)", f.Checksum, sum)
+	copy(f.raw[:], b)
+	if sum := checksum(b[:FooterSize], footerChecksumAt); sum != f.Checksum {
+		if !f.earlyTapdisk() || f.Hidden == 0 || sum+uint32(f.Hidden) != f.Checksum {
+			return nil, formatErr(off, "footer", "bad checksum %#08x (the footer sums to %#08x)", f.Checksum, sum)
+		}
+		f.ChecksumWithoutHidden = true
 	}
 	if f.Version>>16 != 1 {
 		return nil, formatErr(off, "footer", "file format version %#08x is not 1.x", f.Version)
@@ -205,9 +256,8 @@ func ParseHeader(b []byte, off int64) (*Header, error) {
 	if h.Version>>16 != 1 {
 		return nil, formatErr(off, "dynamic header", "header version %#08x is not 1.x", h.Version)
 	}
-	bs := h.BlockSize
-	if bs < MinBlockSize || bs > MaxBlockSize || bs&(bs-1) != 0 {
-		return nil, formatErr(off, "dynamic header", "block size %d is not a power of two from %d to %d", bs, MinBlockSize, MaxBlockSize)
+	if bs := h.BlockSize; bs < MinBlockSize || bs&(bs-1) != 0 {
+		return nil, formatErr(off, "dynamic header", "block size %d is not a power of two of at least %d bytes (the specification's sectors per block are a power of two)", bs, MinBlockSize)
 	}
 	if h.MaxTableEntries > MaxTableEntries {
 		return nil, formatErr(off, "dynamic header", "%d BAT entries is more than the %d this reader holds", h.MaxTableEntries, MaxTableEntries)

@@ -1,13 +1,16 @@
 package vhd
 
 import (
-	"errors"
+	"encoding/binary"
+	"fmt"
 	"io"
 	"math/bits"
 )
 
 // unallocated is the BAT entry of a block the image does not store.
 const unallocated = 0xffffffff
+
+var le = binary.LittleEndian
 
 // Reader reads the metadata of one VHD image.
 type Reader struct {
@@ -19,93 +22,31 @@ type Reader struct {
 	bat         []uint32
 	bitmapBytes int64 // the sector bitmap in front of each block, sector aligned
 	bitmap      []byte
+	lsb         bool // tap 0.1: bitmaps least significant bit first
+	// full is blktap's batmap when the image has a valid one: block i is
+	// fully allocated, and tapdisk reads all of it from this image.
+	full    []byte
+	parents []string // what the parent locators name, in order
 }
 
-// NewReader reads and checks the footer, the dynamic header and the block
-// allocation table of the image in r (size bytes long). The footer is taken
-// from the start of the image when a valid copy is there (a VHD in a
-// logical volume ends before the volume does), else from its end.
+// NewReader reads and checks the footers, the dynamic header, the block
+// allocation table, the parent locators and the batmap of the image in r
+// (size bytes long), and refuses the image at the first corruption Check
+// would report, in the same words. The footer is taken from the start of
+// the image when a valid copy is there (a VHD in a logical volume ends
+// before the volume does), else from its end; a 511-byte footer at the end
+// and early tapdisk's footer checksums are accepted, as blktap's libvhd
+// accepts them.
 func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
-	if size < FooterSize {
-		return nil, ErrNotVHD
-	}
-	buf := make([]byte, HeaderSize)
-	f, err := readFooter(r, buf[:FooterSize], 0)
-	if err != nil || f.DiskType == Fixed {
-		// A fixed disk keeps its footer only at the end; so does a
-		// dynamic disk whose first copy is damaged.
-		end, endErr := readFooter(r, buf[:FooterSize], size-FooterSize)
-		switch {
-		case endErr == nil:
-			f = end
-		case errors.Is(err, ErrNotVHD) || err == nil:
-			return nil, endErr
-		default:
-			return nil, err
-		}
-	}
-	v := &Reader{r: r, size: size, Footer: f}
-	if f.DiskType == Fixed {
-		if int64(f.CurrentSize) > size-FooterSize || int64(f.CurrentSize) < 0 {
-			return nil, formatErr(size-FooterSize, "footer", "fixed disk of %d bytes does not fit in a file of %d bytes", f.CurrentSize, size)
-		}
-		return v, nil
-	}
-	if f.DataOffset > uint64(size) || uint64(size)-f.DataOffset < HeaderSize {
-		return nil, formatErr(0, "footer", "dynamic header offset %#x is outside the file (%d bytes)", f.DataOffset, size)
-	}
-	if err := readAt(r, buf, int64(f.DataOffset)); err != nil {
-		return nil, formatErr(int64(f.DataOffset), "dynamic header", "%v", err)
-	}
-	h, err := ParseHeader(buf, int64(f.DataOffset))
-	if err != nil {
+	c := &validator{strict: true}
+	v, err := c.open(r, size)
+	switch {
+	case err != nil:
 		return nil, err
+	case c.first != nil:
+		return nil, c.first
 	}
-	v.Header = h
-	bs := uint64(h.BlockSize)
-	if need := (f.CurrentSize + bs - 1) / bs; uint64(h.MaxTableEntries) < need {
-		return nil, formatErr(int64(f.DataOffset), "dynamic header", "%d BAT entries cannot map %d bytes in blocks of %d", h.MaxTableEntries, f.CurrentSize, bs)
-	}
-	batBytes := uint64(h.MaxTableEntries) * 4
-	if h.TableOffset > uint64(size) || uint64(size)-h.TableOffset < batBytes {
-		return nil, formatErr(int64(h.TableOffset), "BAT", "%d entries at %#x run past the end of the file (%d bytes)", h.MaxTableEntries, h.TableOffset, size)
-	}
-	v.bitmapBytes = int64((bs/SectorSize/8 + SectorSize - 1) / SectorSize * SectorSize)
-	// Only the entries that map the virtual size matter; the table is
-	// read in pieces so a huge one is not held twice.
-	n := (f.CurrentSize + bs - 1) / bs
-	v.bat = make([]uint32, n)
-	chunk := make([]byte, min(batBytes, 1<<20))
-	for i := uint64(0); i < n; {
-		k := min(n-i, uint64(len(chunk))/4)
-		at := int64(h.TableOffset + i*4)
-		if err := readAt(r, chunk[:k*4], at); err != nil {
-			return nil, formatErr(at, "BAT", "%v", err)
-		}
-		for j := uint64(0); j < k; j++ {
-			e := be.Uint32(chunk[j*4:])
-			if e != unallocated {
-				start := int64(e) * SectorSize
-				if start+v.bitmapBytes+int64(bs) > size {
-					return nil, formatErr(at+int64(j*4), "BAT", "entry %d: block at %#x runs past the end of the file (%d bytes)", i+j, start, size)
-				}
-				if uint64(start) < h.TableOffset+batBytes && uint64(start)+uint64(v.bitmapBytes)+bs > h.TableOffset {
-					return nil, formatErr(at+int64(j*4), "BAT", "entry %d: block at %#x overlaps the BAT", i+j, start)
-				}
-			}
-			v.bat[i+j] = e
-		}
-		i += k
-	}
-	v.bitmap = make([]byte, v.bitmapBytes)
 	return v, nil
-}
-
-func readFooter(r io.ReaderAt, buf []byte, off int64) (*Footer, error) {
-	if err := readAt(r, buf, off); err != nil {
-		return nil, ErrNotVHD
-	}
-	return ParseFooter(buf, off)
 }
 
 func readAt(r io.ReaderAt, buf []byte, off int64) error {
@@ -155,7 +96,8 @@ type Extent struct {
 
 // Extents calls fn for runs of the guest disk in order, covering the
 // virtual size exactly once. A block's sector bitmap decides which of its
-// sectors are stored; runs that continue each other (in the guest and in
+// sectors are stored (all of them when the batmap marks the block full, as
+// tapdisk reads it); runs that continue each other (in the guest and in
 // the image) are merged. An error from fn stops the walk.
 func (v *Reader) Extents(fn func(Extent) error) error {
 	size := v.VirtualSize()
@@ -195,15 +137,15 @@ func (v *Reader) Extents(fn func(Extent) error) error {
 			}
 			continue
 		}
-		host := int64(e) * SectorSize
-		if err := readAt(v.r, v.bitmap, host); err != nil {
-			return formatErr(host, "sector bitmap", "block %d: %v", i, err)
+		bm, err := v.readBitmap(i)
+		if err != nil {
+			return err
 		}
-		data := host + v.bitmapBytes
+		data := int64(e)*SectorSize + v.bitmapBytes
 		sectors := bs / SectorSize
 		for s := int64(0); s < sectors; {
-			set := bitSet(v.bitmap, s)
-			run := runLength(v.bitmap, s, sectors, set)
+			set := v.bitSet(bm, s)
+			run := v.runLength(bm, s, sectors, set)
 			ext := Extent{Start: start + s*SectorSize, Length: run * SectorSize, Stored: set}
 			if set {
 				ext.HostOffset = data + s*SectorSize
@@ -220,16 +162,52 @@ func (v *Reader) Extents(fn func(Extent) error) error {
 	return nil
 }
 
-// bitSet reports sector s of a block bitmap: most significant bit first.
-func bitSet(bm []byte, s int64) bool { return bm[s>>3]&(0x80>>(s&7)) != 0 }
+// readBitmap reads the sector bitmap of allocated block i into v.bitmap.
+// A block the batmap marks full reads as all sectors stored, and its
+// bitmap must say so too: otherwise tapdisk and every other reader would
+// read different data.
+func (v *Reader) readBitmap(i int) ([]byte, error) {
+	host := int64(v.bat[i]) * SectorSize
+	if err := readAt(v.r, v.bitmap, host); err != nil {
+		return nil, fmt.Errorf("reading the sector bitmap of block %d at %#x: %w", i, host, err)
+	}
+	if !v.batmapFull(i) {
+		return v.bitmap, nil
+	}
+	sectors := v.BlockSize() / SectorSize
+	if n := v.runLength(v.bitmap, 0, sectors, true); n < sectors {
+		return nil, formatErr(host, "sector bitmap", "block %d: the batmap marks the block full, but its bitmap leaves sector %d unmarked (tapdisk would read the whole block from this image, other readers only the marked sectors)", i, n)
+	}
+	return v.bitmap, nil
+}
+
+// batmapFull reports whether the batmap marks block i full.
+func (v *Reader) batmapFull(i int) bool {
+	return v.full != nil && i>>3 < len(v.full) && v.full[i>>3]&(0x80>>(i&7)) != 0
+}
+
+// bitSet reports sector s of a block bitmap: most significant bit first,
+// or least significant first in the images of tap 0.1 (32-bit
+// little-endian words, whose bytes hold sectors 8k to 8k+7 from bit 0 up).
+func (v *Reader) bitSet(bm []byte, s int64) bool {
+	if v.lsb {
+		return bm[s>>3]&(1<<(s&7)) != 0
+	}
+	return bm[s>>3]&(0x80>>(s&7)) != 0
+}
 
 // runLength is how many sectors from s on have the bit value set, up to n;
-// whole bytes and words are skipped at a time.
-func runLength(bm []byte, s, n int64, set bool) int64 {
+// whole words are skipped at a time.
+func (v *Reader) runLength(bm []byte, s, n int64, set bool) int64 {
 	i := s
 	for i < n {
 		if i&63 == 0 && i+64 <= n {
-			w := be.Uint64(bm[i>>3:])
+			var w uint64
+			if v.lsb {
+				w = le.Uint64(bm[i>>3:])
+			} else {
+				w = be.Uint64(bm[i>>3:])
+			}
 			if (set && w == ^uint64(0)) || (!set && w == 0) {
 				i += 64
 				continue
@@ -237,12 +215,16 @@ func runLength(bm []byte, s, n int64, set bool) int64 {
 			if !set {
 				w = ^w
 			}
-			// The run ends at the first bit (from the most significant)
-			// that differs.
-			i += int64(bits.LeadingZeros64(^w))
+			// The run ends at the first bit, in reading order, that
+			// differs.
+			if v.lsb {
+				i += int64(bits.TrailingZeros64(^w))
+			} else {
+				i += int64(bits.LeadingZeros64(^w))
+			}
 			return i - s
 		}
-		if bitSet(bm, i) != set {
+		if v.bitSet(bm, i) != set {
 			break
 		}
 		i++
@@ -253,27 +235,18 @@ func runLength(bm []byte, s, n int64, set bool) int64 {
 // ParentPaths returns the paths named by the parent locators, in locator
 // order, skipping locators that name no path.
 func (v *Reader) ParentPaths() ([]string, error) {
+	return v.parents, nil
+}
+
+// ParentNames lists the names under which a differencing image knows its
+// parent, best first: the parent locators, then the parent's unicode name.
+func (v *Reader) ParentNames() []string {
 	if v.Header == nil || v.Footer.DiskType != Differencing {
-		return nil, nil
+		return nil
 	}
-	var out []string
-	for i, l := range v.Header.Locators {
-		if l.Code == PlatformNone || l.DataLength == 0 {
-			continue
-		}
-		if l.DataLength > MaxLocatorBytes {
-			return nil, formatErr(int64(v.Footer.DataOffset), "parent locator", "locator %d: %d bytes of platform data is more than %d", i, l.DataLength, MaxLocatorBytes)
-		}
-		if l.DataOffset > uint64(v.size) || uint64(v.size)-l.DataOffset < uint64(l.DataLength) {
-			return nil, formatErr(int64(v.Footer.DataOffset), "parent locator", "locator %d: data at %#x+%d is outside the file", i, l.DataOffset, l.DataLength)
-		}
-		b := make([]byte, l.DataLength)
-		if err := readAt(v.r, b, int64(l.DataOffset)); err != nil {
-			return nil, formatErr(int64(l.DataOffset), "parent locator", "locator %d: %v", i, err)
-		}
-		if p, ok := LocatorPath(l.Code, b); ok {
-			out = append(out, p)
-		}
+	names := append([]string(nil), v.parents...)
+	if n := v.Header.ParentName; n != "" {
+		names = append(names, n)
 	}
-	return out, nil
+	return names
 }
