@@ -26,7 +26,8 @@ FUZZ_TARGETS ?= \
 	./vhdcompat/hints:FuzzParseLegacy:50000x \
 	./vhdcompat/hints:FuzzParseChangedBlocks:50000x \
 	./wrapper:FuzzDropinArgs:50000x \
-	./vhdcompat/vhd:FuzzNewReader:50000x
+	./vhdcompat/vhd:FuzzNewReader:50000x \
+	./vhdcompat/nbd:FuzzClient:50000x
 FUZZTIME ?= 10m
 FUZZ_PARALLEL ?=
 
