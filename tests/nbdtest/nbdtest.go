@@ -89,12 +89,17 @@ func QemuNBD(t testing.TB, img, format, export string, extra ...string) *Server 
 	return start(t, socket, export, "qemu-nbd", append(args, img)...)
 }
 
-// Nbdkit serves a plugin with nbdkit in the foreground, read-only
-// (`nbdkit -f -r -U SOCKET -e EXPORT PLUGIN ARGS...`).
-func Nbdkit(t testing.TB, export, plugin string, args ...string) *Server {
+// Nbdkit serves a plugin with nbdkit in the foreground
+// (`nbdkit -f [-r] -U SOCKET -e EXPORT PLUGIN ARGS...`), read-only unless
+// writable.
+func Nbdkit(t testing.TB, export string, writable bool, plugin string, args ...string) *Server {
 	t.Helper()
 	socket := filepath.Join(t.TempDir(), "nbd.sock")
-	all := append([]string{"-f", "-r", "-U", socket, "-e", export, plugin}, args...)
+	all := []string{"-f", "-U", socket, "-e", export}
+	if !writable {
+		all = append(all, "-r")
+	}
+	all = append(append(all, plugin), args...)
 	return start(t, socket, export, "nbdkit", all...)
 }
 

@@ -145,7 +145,7 @@ func TestNbdkit(t *testing.T) {
 		{"file", []string{"file", file}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := nbdtest.Nbdkit(t, "x", tc.args[0], tc.args[1:]...)
+			s := nbdtest.Nbdkit(t, "x", false, tc.args[0], tc.args[1:]...)
 			_, got := walk(t, "unix", s.Socket, "x")
 			sameAsNbdinfo(t, s, got)
 		})
