@@ -28,7 +28,8 @@ FUZZ_TARGETS ?= \
 	./wrapper:FuzzDropinArgs:50000x \
 	./vhdcompat/vhd:FuzzNewReader:50000x \
 	./vhdcompat/discover:FuzzParseTapCtlLine:100000x \
-	./vhdcompat/vhd:FuzzCheck:5000x
+	./vhdcompat/vhd:FuzzCheck:5000x \
+	./vhdcompat/nbd:FuzzClient:50000x
 FUZZTIME ?= 10m
 FUZZ_PARALLEL ?=
 

@@ -27,6 +27,7 @@ var layers = map[string]int{
 	"qcow/inspect":       2,
 	"qcow":               1,
 	"vhdcompat/vhd":      1,
+	"vhdcompat/nbd":      1,
 	"qcow/bitmap":        0,
 }
 

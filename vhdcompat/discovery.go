@@ -15,6 +15,7 @@ const (
 	AllocHints    = "hints"     // xapi's map/info or legacy header, or a CBT bitmap
 	AllocSeekData = "seek-data" // SEEK_DATA on the source file, or on a tapdisk's aio file
 	AllocScan     = "scan"      // the whole device, read
+	AllocNBD      = "nbd"       // the block status of the NBD server behind the device
 )
 
 // DiscoverRequest asks an export to find the images behind its devices

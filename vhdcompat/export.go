@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math/bits"
 	"os"
 	"time"
@@ -37,6 +36,10 @@ type ExportRequest struct {
 	// Hybrid, when set, reads the allocation from the image chains behind
 	// the source and the base (vhd-tool's --source-format hybrid).
 	Hybrid *HybridRequest
+	// NBD, when set, reads the source's allocation from the NBD server
+	// that serves the same disk (vhd-tool's --source-format nbdhybrid);
+	// BaseNBD the base's, for a diff against a base disk.
+	NBD, BaseNBD *NBDRequest
 	// DetectZeros reads the clusters a trusted allocation (the hybrid
 	// source's chains, a map or header hint) names before sending them,
 	// to leave out those that read as zeros. By default each is read
@@ -144,6 +147,11 @@ func Export(env *Env, req *ExportRequest) error {
 	if x.Allocation == "" {
 		x.Allocation = x.allocationSource()
 	}
+	if req.NBD != nil || req.BaseNBD != nil {
+		if err := x.loadNBD(env, req.NBD, req.BaseNBD); err != nil {
+			return err
+		}
+	}
 	if x.Out == nil {
 		if x.Out, x.OutName, err = req.OpenOut(); err != nil {
 			return err
@@ -174,6 +182,7 @@ type openedExport struct {
 	Compare             hints.Extents // a diff against an image: the only clusters that may differ
 	DetectZeros         bool          // read a trusted allocation first, leave all-zero clusters out
 	BaseName            string        // the base image of a diff without a base disk, for the log
+	AllocationAttrs     []any         // more about where the allocation came from (the NBD server), for the log
 	Changed             *bitmap.Bitmap
 	Progress            func(done, total uint64)
 	RefuseTerminal      bool
@@ -212,10 +221,7 @@ func (r *openedExport) run(env *Env) error {
 	if r.RefuseTerminal && IsTerminal(r.Out) {
 		return fmt.Errorf("refusing to write a qcow2 image to a terminal (%s): redirect it to a file or a pipe", r.OutName)
 	}
-	log := env.Log
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := logger(env)
 	attrs := []any{"source", r.Source.Path(), "destination", r.OutName, "virtual_size", r.Source.Size(),
 		"cluster_size", uint64(1) << r.ClusterBits, "direct", r.Source.Direct()}
 	if r.Base != nil {
@@ -230,6 +236,7 @@ func (r *openedExport) run(env *Env) error {
 	if r.BaseName != "" {
 		attrs = append(attrs, "base_image", r.BaseName)
 	}
+	attrs = append(attrs, r.AllocationAttrs...)
 	log.Info("export started", attrs...)
 	if r.Source.Direct() {
 		SpareProcForIO()

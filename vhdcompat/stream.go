@@ -12,13 +12,13 @@ import (
 type StreamCmd struct {
 	Source              string `help:"Raw disk to export: a path, file://PATH, or fd://N." placeholder:"PATH"`
 	SourceFD            *int   `name:"source-fd" help:"Export the disk open on this descriptor." placeholder:"N"`
-	SourceFormat        string `default:"raw" enum:"raw,hybrid" help:"Format of the source: raw, or hybrid (DEVICE:IMAGE: data from the raw DEVICE, allocation from IMAGE, a VHD or qcow2 file, and its parents found through --path)."`
+	SourceFormat        string `default:"raw" enum:"raw,hybrid,nbdhybrid" help:"Format of the source: raw; hybrid (DEVICE:IMAGE: data from the raw DEVICE, allocation from IMAGE, a VHD or qcow2 file, and its parents found through --path); or nbdhybrid (RAW:SERVER:EXPORTNAME:SIZE, split at the first three colons: data from the raw disk RAW, allocation from the base:allocation block status of the NBD server on the unix socket SERVER, whose export EXPORTNAME and RAW must both be SIZE bytes; holes and zero extents are not read)."`
 	SourceProtocol      string `default:"none" help:"Protocol of the source (none)."`
 	Destination         string `default:"stdout:" help:"Where the stream goes: stdout:, null:, fd://N, file://PATH." placeholder:"URI"`
 	DestinationFD       *int   `name:"destination-fd" help:"Write the stream to this open descriptor." placeholder:"N"`
 	DestinationFormat   string `default:"qcow2" help:"Format of the stream (qcow2)."`
 	DestinationProtocol string `default:"none" help:"Protocol of the stream (none)."`
-	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk, compared byte for byte. With --source-format hybrid: the base's VHD or qcow2 image (as vhd-tool takes it), or BASE_DEVICE:BASE_IMAGE; the diff comes from the two chains' metadata and no base device is read; a base that is not an image is refused." placeholder:"BASE"`
+	RelativeTo          string `name:"relative-to" help:"Export only the clusters that differ from this base disk, compared byte for byte. With --source-format hybrid: the base's VHD or qcow2 image (as vhd-tool takes it), or BASE_DEVICE:BASE_IMAGE; the diff comes from the two chains' metadata and no base device is read; a base that is not an image is refused. With --source-format nbdhybrid: the base disk (BASE_RAW, read where it holds data), or BASE_RAW:SERVER:EXPORTNAME:SIZE to take the base's allocation from its NBD server; both disks are compared where either holds data; other forms are refused." placeholder:"BASE"`
 	ClusterSize         uint64 `default:"65536" help:"Cluster size in bytes: a power of two from 512 to 2097152."`
 	RefcountBits        uint64 `default:"16" help:"Refcount width in bits: a power of two from 1 to 64."`
 	BackingFile         string `help:"Name this file as the image's raw backing file (a diff qemu-img can read whole)." placeholder:"NAME"`
@@ -57,6 +57,9 @@ Examples:
   xapi-qcow-tool stream --source /dev/sm/backend/SR/VDI --relative-to /dev/sm/backend/SR/BASE --direct
   xapi-qcow-tool stream --source-format hybrid --source /dev/sm/backend/SR/VDI:/var/run/sr-mount/SR/VDI.vhd \
       --relative-to /var/run/sr-mount/SR/BASE.vhd --path /dev/mapper:.
+  # a VDI attached to dom0 as an NBD device (xapi's nbdhybrid form):
+  xapi-qcow-tool stream --source-format nbdhybrid \
+      --source /dev/nbd3:/run/blktap-control/nbd1234.5:EXPORT:10737418240 --direct
   # as xapi's vhd_tool_wrapper runs vhd-tool:
   xapi-qcow-tool stream --source-protocol none --source-format raw --source /dev/sm/backend/SR/VDI \
       --destination-protocol none --destination-format qcow2 --destination-fd 5 \
@@ -91,15 +94,21 @@ func (c *StreamCmd) Run(env *Env) error {
 		return &UsageError{"--source is required (a path, file://PATH or fd://N)"}
 	}
 	source := c.Source
-	if !c.NoDiscovery && c.SourceFormat != "hybrid" {
+	if !c.NoDiscovery && c.SourceFormat != "hybrid" && c.SourceFormat != "nbdhybrid" {
 		req.Discover = &DiscoverRequest{Search: XapiSearchPath}
 		if c.Path != "" {
 			req.Discover.Search = searchPath(c.Path)
 		}
 	}
-	if c.SourceFormat == "hybrid" {
+	switch c.SourceFormat {
+	case "hybrid":
 		var err error
 		if source, req.Hybrid, err = c.hybrid(req); err != nil {
+			return err
+		}
+	case "nbdhybrid":
+		var err error
+		if source, err = c.nbdHybrid(req); err != nil {
 			return err
 		}
 	}
