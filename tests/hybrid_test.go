@@ -401,7 +401,7 @@ func TestHybridRefusals(t *testing.T) {
 	}{
 		{"size differs", small + ":" + img, "describes a disk of 8388608 bytes"},
 		{"bad checksum", raw + ":" + bad, "bad checksum"},
-		{"BAT entry outside", raw + ":" + batOut, "past the end of the file"},
+		{"BAT entry outside", raw + ":" + batOut, "past the end of the image"},
 		{"not an image", raw + ":" + raw, "--source-format raw"},
 		{"missing backing file", raw + ":" + qc, `parent "gone.qcow2"`},
 		{"no image", raw, "DEVICE:IMAGE"},
