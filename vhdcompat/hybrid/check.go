@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
@@ -139,7 +140,15 @@ func CheckVHD(path string, r io.ReaderAt, size int64, search []string) (*VHDChec
 		if errors.As(chainErr, &mp) {
 			sev = checkError // the chain could not be followed
 		}
-		res.add(VHDFinding{Severity: sev, File: c.Layers[len(c.Layers)-1].Path, Message: chainErr.Error()})
+		// The finding is the child's: its dynamic header names the
+		// parent (name and locators).
+		child := c.Layers[len(c.Layers)-1]
+		var off *int64
+		if child.Format == VHD && child.vhd.Header != nil {
+			o := int64(child.vhd.Footer.DataOffset)
+			off = &o
+		}
+		res.add(VHDFinding{Severity: sev, File: child.Path, Offset: off, Message: chainErr.Error()})
 	}
 	return res, nil
 }
@@ -181,11 +190,15 @@ func (r *VHDCheck) WriteHuman(w io.Writer) error {
 		case checkError:
 			prefix = "Check error: "
 		}
-		file := ""
-		if f.File != r.Filename && f.Offset != nil {
+		file, where := "", ""
+		if f.File != r.Filename && !strings.HasPrefix(f.Message, "parent") && !strings.HasPrefix(f.Message, f.File) {
 			file = f.File + ": "
 		}
-		fmt.Fprintf(w, "%s%s%s\n", prefix, file, f.Message)
+		if f.Offset != nil && !strings.Contains(f.Message, "offset 0x") {
+			// A chain finding: the dynamic header naming the parent.
+			where = fmt.Sprintf(" (the parent named by the dynamic header at offset %#x of %s)", *f.Offset, f.File)
+		}
+		fmt.Fprintf(w, "%s%s%s%s\n", prefix, file, f.Message, where)
 	}
 	if r.NotShown > 0 {
 		fmt.Fprintf(w, "(%d more findings not shown)\n", r.NotShown)

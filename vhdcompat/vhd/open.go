@@ -130,6 +130,15 @@ func (c *validator) open(r io.ReaderAt, size int64) (*Reader, error) {
 	return v, nil
 }
 
+// dataEnd names where an image's structures must end: its footer at the
+// end of the file, or the end of the file when there is none there.
+func dataEnd(limit, size int64) string {
+	if limit < size {
+		return fmt.Sprintf("the footer at %#x", limit)
+	}
+	return fmt.Sprintf("%d bytes", size)
+}
+
 func btoi(b bool) int {
 	if b {
 		return 1
@@ -419,7 +428,7 @@ func (c *validator) bat(v *Reader, limit int64, regions []region) bool {
 			}
 			b := region{int64(e) * SectorSize, span, ""}
 			bad := b.start+b.length > limit
-			if bad && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the image (%#x)", i+j, b.start, limit) {
+			if bad && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the file's data (%s)", i+j, b.start, dataEnd(limit, v.size)) {
 				return false
 			}
 			for _, m := range regions {
