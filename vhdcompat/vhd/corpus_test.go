@@ -165,6 +165,9 @@ func buildCorpus(t testing.TB) ([]corpusFile, string) {
 	add("footer-copy-checksum.vhd", 2, "", "VHD footer at offset 0x0: bad checksum", edit(good, func(b []byte) { b[40] ^= 1 }))
 	add("footer-end-checksum.vhd", 2, "", fmt.Sprintf("VHD footer at offset %#x: bad checksum", end), edit(good, func(b []byte) { b[end+40] ^= 1 }))
 	add("footer-end-missing.vhd", 0, "", fmt.Sprintf("Warning: VHD footer at offset %#x: no footer at the end of the image", end), edit(good, func(b []byte) { b[end] = 'x' }))
+	// A VHD in a logical volume larger than itself (LVHD): zeros after
+	// its footer, to the end of the volume.
+	add("lv-larger-than-vhd.vhd", 0, "", fmt.Sprintf("Warning: VHD footer at offset %#x: no footer at the end of the image", len(good)+64<<10-512), append(bytes.Clone(good), make([]byte, 64<<10)...))
 	add("footer-copies-differ.vhd", 2, "", fmt.Sprintf("VHD footer copy at offset 0x0: differs from the footer at %#x in its time stamp", end), edit(good, func(b []byte) {
 		b[24] ^= 1
 		sum(b[:512], 64)
