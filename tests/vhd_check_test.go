@@ -71,8 +71,10 @@ func TestCheckVHDCorpus(t *testing.T) {
 // exportAt512 writes the sectors want (random data) into im and into a raw
 // file, exports the raw file on a loop device with the hybrid source over
 // im at --cluster-size 512, and checks that the export reads as the device
-// and stores exactly want. It returns the image's path.
-func exportAt512(t *testing.T, im *vhdtest.Image, want [][2]int64, seed int64) string {
+// and stores exactly want. place, when not nil, puts the saved image where
+// the host would have it (a volume) and returns that path. It returns the
+// image's path.
+func exportAt512(t *testing.T, im *vhdtest.Image, want [][2]int64, seed int64, place func(string) string) string {
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "disk.raw")
 	sparseFile(t, raw, im.Size)
@@ -94,6 +96,9 @@ func exportAt512(t *testing.T, im *vhdtest.Image, want [][2]int64, seed int64) s
 	if err := im.Save(img); err != nil {
 		t.Fatal(err)
 	}
+	if place != nil {
+		img = place(img)
+	}
 	dev := loopDevice(t, raw, false)
 	out := filepath.Join(dir, "out.qcow2")
 	exportToFile(t, out, "stream", "--source-format", "hybrid", "--source", dev+":"+img, "--cluster-size", "512")
@@ -114,7 +119,7 @@ func TestHybridTap01BitmapsAt512(t *testing.T) {
 	im.CreatorVersion = 1 // tap 0.1
 	// Single sectors where the two bit orders differ (1 and 6 swap), a
 	// run across a byte, and one in the second block.
-	img := exportAt512(t, im, [][2]int64{{512, 512}, {7 * 512, 3 * 512}, {40 * 512, 512}, {2<<20 + 9*512, 512}}, 21)
+	img := exportAt512(t, im, [][2]int64{{512, 512}, {7 * 512, 3 * 512}, {40 * 512, 512}, {2<<20 + 9*512, 512}}, 21, nil)
 	// check notes the bit order, and passes the image.
 	c := runTool(t, nil, "check", img)
 	if c.Code != 0 || !strings.Contains(string(c.Stdout), "least significant bit first") {
@@ -133,7 +138,32 @@ func TestHybridSmallBlocks(t *testing.T) {
 			const size = 1 << 20
 			im := vhdtest.New(size)
 			im.BlockSize = bs
-			exportAt512(t, im, [][2]int64{{0, 512}, {3 * 512, 2 * 512}, {100 * 512, 9 * 512}, {size - 512, 512}}, int64(bs))
+			exportAt512(t, im, [][2]int64{{0, 512}, {3 * 512, 2 * 512}, {100 * 512, 9 * 512}, {size - 512, 512}}, int64(bs), nil)
 		})
+	}
+}
+
+// TestHybridVHDInLargerVolume: on an LVHD SR the VHD is a logical volume
+// larger than itself, its footer followed by whatever the volume held:
+// the footer copy at offset 0 is read, check warns that none is at the
+// end, and the hybrid source exports the VDI.
+func TestHybridVHDInLargerVolume(t *testing.T) {
+	qemutest.Need(t)
+	var vol string
+	exportAt512(t, vhdtest.New(4<<20), [][2]int64{{0, 4096}, {3<<20 + 512, 512}}, 22, func(img string) string {
+		f, err := os.OpenFile(img, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.Write(make([]byte, 1<<20)); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		vol = loopDevice(t, img, false)
+		return vol
+	})
+	c := runTool(t, nil, "check", vol)
+	if c.Code != 0 || !strings.Contains(string(c.Stdout), "Warning: VHD footer at offset") || !strings.Contains(string(c.Stdout), "no footer at the end of the image") {
+		t.Fatalf("check %s: exit %d: %s%s", vol, c.Code, c.Stdout, c.Stderr)
 	}
 }
