@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -355,14 +356,19 @@ func firstCorruption(rep *vhd.Report) string {
 	return ""
 }
 
-// TestCleanImagesReadByLibvhdi: every image of the corpus check calls
-// clean (no finding at all) libvhdi reads, as we read it: the stored
-// sectors from the image, the rest from the parent (found next to the
-// child) or zeros.
+// libvhdiCannot are the warnings about what libvhdi (20210425) does not
+// read as blktap does: blocks under 4 KiB, a file without a 512-byte
+// footer at its end, tap 0.1's bitmaps.
+var libvhdiCannot = []string{"Warning: VHD dynamic header at offset 0x200: block size", "no footer at the end", "511 bytes long", "least significant bit first"}
+
+// TestCleanImagesReadByLibvhdi: every image of the corpus check passes
+// (exit 0) libvhdi reads, as we read it (the stored sectors from the
+// image, the rest from the parent, found next to the child, or zeros),
+// but for what check warns libvhdi cannot read.
 func TestCleanImagesReadByLibvhdi(t *testing.T) {
 	n := 0
 	for _, c := range vhdtest.ReadManifest(t, corpusDir, 40) {
-		if c.Exit != 0 || c.Want != "" || len(c.Search) > 0 {
+		if c.Exit != 0 || len(c.Search) > 0 || slices.ContainsFunc(libvhdiCannot, func(w string) bool { return strings.Contains(c.Want, w) }) {
 			continue
 		}
 		n++
