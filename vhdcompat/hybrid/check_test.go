@@ -1,6 +1,7 @@
 package hybrid
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -120,6 +121,14 @@ func TestSearchGoesPastAnotherChainsFile(t *testing.T) {
 		t.Fatalf("layers %v", c.Layers)
 	}
 	c.Close()
+	// libvhdi reads the chain found as the disk written.
+	want := make([]byte, 4*mib)
+	copy(want, fill(1, 4096))
+	copy(want[mib:], fill(2, 4096))
+	got, err := vhdtest.ReadWithLibvhdi(t, top, filepath.Join(dir, "b", "p.vhd"))
+	if err != nil || got != fmt.Sprintf("%x", sha256.Sum256(want)) {
+		t.Fatalf("libvhdi reads the chain found as %s (%v), not as written", got, err)
+	}
 	_, err = Open(top, []string{filepath.Join(dir, "a")})
 	var wp *WrongParentError
 	if !errors.As(err, &wp) || len(wp.Candidates) != 2 || !strings.Contains(err.Error(), filepath.Join(dir, "vdi", "p.vhd")) || !strings.Contains(err.Error(), filepath.Join(dir, "a", "p.vhd")) {
