@@ -429,7 +429,7 @@ func (c *validator) bat(v *Reader, limit int64, regions []region) bool {
 			}
 			b := region{int64(e) * SectorSize, span, ""}
 			bad := b.start+b.length > limit
-			if bad && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the file's data (%s)", i+j, b.start, dataEnd(limit, v.size)) {
+			if bad && !c.corrupt(entryAt(i+j), "BAT", "entry %d: block at %#x runs past the end of the image (%s)", i+j, b.start, dataEnd(limit, v.size)) {
 				return false
 			}
 			for _, m := range regions {

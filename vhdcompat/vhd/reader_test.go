@@ -224,7 +224,7 @@ func TestRefusals(t *testing.T) {
 		{"bad checksum in both footers", damage(damage(good, 40, 9), end+40, 9), "bad checksum"},
 		{"bad header cookie", damage(good, 512, 'x'), "bad cookie"},
 		{"bad header checksum", damage(good, 512+40, 9), "bad checksum"},
-		{"BAT entry outside the file", damage(good, 1536+4, 0x7f, 0, 0, 0), "past the end of the file"},
+		{"BAT entry outside the file", damage(good, 1536+4, 0x7f, 0, 0, 0), "past the end of the image"},
 		{"BAT larger than the limit", hugeBAT, "BAT entries"},
 		{"block size not a power of two", oddBlock, "block size"},
 		{"truncated", good[:2048], "BAT"},
