@@ -17,7 +17,7 @@ type CLI struct {
 	Qcow2ToStdout Qcow2ToStdoutCmd    `cmd:"" name:"qcow2-to-stdout" help:"Export with the command line of qcow2-to-stdout.py (xapi's qcow_to_stdout)."`
 	Info          InfoCmd             `cmd:"" help:"Describe a qcow2 file or stream."`
 	Map           MapCmd              `cmd:"" help:"List the allocation of a qcow2 file or stream, like qemu-img map."`
-	Check         CheckCmd            `cmd:"" help:"Check the structure of a qcow2 file or stream, like qemu-img check."`
+	Check         CheckCmd            `cmd:"" help:"Check the structure of a qcow2 file or stream, or of a VHD and its chain, like qemu-img check."`
 	Compare       CompareCmd          `cmd:"" help:"Compare the content of two disks (raw or qcow2)."`
 	Completion    CompletionCmd       `cmd:"" help:"Print a shell completion script."`
 }
