@@ -230,3 +230,52 @@ func TestHybridRelativeToAmbiguous(t *testing.T) {
 		})
 	}
 }
+
+// TestHybridRelativeToDetectZeros: a snapshot that writes zeros as data
+// over the base's data. Trusted, the cluster goes as a data cluster of
+// zeros; with --detect-zeros as a zero cluster. Both diffs, applied onto
+// the base, give the source.
+func TestHybridRelativeToDetectZeros(t *testing.T) {
+	qemutest.Need(t)
+	dir := t.TempDir()
+	base, snap := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "snap.qcow2")
+	qemutest.Create(t, base, "", "16M", "write -P 1 0 1M")
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", snap)
+	qemutest.IO(t, snap, "write -P 0 256k 64k", "write -P 3 8M 64k")
+	snapRaw, baseRaw := filepath.Join(dir, "snap.raw"), filepath.Join(dir, "base.raw")
+	qemutest.Img(t, "convert", "-O", "raw", snap, snapRaw)
+	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	dev := loopDevice(t, snapRaw, false)
+	for _, detect := range []bool{false, true} {
+		diff := filepath.Join(dir, fmt.Sprintf("diff-%v.qcow2", detect))
+		args := []string{"stream", "--source-format", "hybrid", "--source", dev + ":" + snap, "--relative-to", base}
+		want := clusterList([][2]int64{{256 << 10, kib64}, {8 << 20, kib64}})
+		if detect {
+			args = append(args, "--detect-zeros")
+			want = clusterList([][2]int64{{8 << 20, kib64}})
+		}
+		exportToFile(t, diff, args...)
+		if got := clusterList(dataExtents(t, diff)); got != want {
+			t.Fatalf("--detect-zeros %v: data clusters %s, want %s", detect, got, want)
+		}
+		applyDiff(t, diff, baseRaw, snapRaw)
+	}
+}
+
+// TestHybridRelativeToShorterBase: the base's image is shorter than the
+// ancestor it shares with the source (a qcow2 may be smaller than its
+// backing file). Past the base's end the source's data from the ancestor
+// differs from the base (which has nothing there) and must be in the diff.
+func TestHybridRelativeToShorterBase(t *testing.T) {
+	qemutest.Need(t)
+	dir := t.TempDir()
+	anc, base, src := filepath.Join(dir, "anc.qcow2"), filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "src.qcow2")
+	qemutest.Create(t, anc, "", "16M", "write -P 1 0 64k", "write -P 2 12M 64k")
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "anc.qcow2", "-F", "qcow2", base, "8M")
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "anc.qcow2", "-F", "qcow2", src, "16M")
+	qemutest.IO(t, src, "write -P 3 1M 64k")
+	srcRaw, baseRaw := filepath.Join(dir, "src.raw"), filepath.Join(dir, "base.raw")
+	qemutest.Img(t, "convert", "-O", "raw", src, srcRaw)
+	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	hybridDiff(t, srcRaw, src, base, baseRaw, "", clusterList([][2]int64{{1 << 20, kib64}, {12 << 20, kib64}}))
+}
