@@ -110,14 +110,9 @@ func hybridDiff(t *testing.T, raw, image, base, baseRaw, baseDev, want string, e
 func TestHybridRelativeToQcow2Image(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	base, snap := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "snap.qcow2")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", base, "64M")
-	qemutest.IO(t, base, "write -P 1 0 1M", "write -P 2 8M 1M")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", snap)
-	qemutest.IO(t, snap, "write -z 8M 64k", "write -P 5 40M 64k")
-	snapRaw, baseRaw := filepath.Join(dir, "snap.raw"), filepath.Join(dir, "base.raw")
-	qemutest.Img(t, "convert", "-O", "raw", snap, snapRaw)
-	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "64M", "write -P 1 0 1M", "write -P 2 8M 1M")
+	snap := qemutest.Overlay(t, base, filepath.Join(dir, "snap.qcow2"), "", "write -z 8M 64k", "write -P 5 40M 64k")
+	snapRaw, baseRaw := qemutest.Raw(t, snap), qemutest.Raw(t, base)
 
 	t.Run("shared base image", func(t *testing.T) {
 		hybridDiff(t, snapRaw, snap, base, baseRaw, "", clusterList([][2]int64{{40 << 20, kib64}}))
@@ -238,13 +233,9 @@ func TestHybridRelativeToAmbiguous(t *testing.T) {
 func TestHybridRelativeToDetectZeros(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	base, snap := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "snap.qcow2")
-	qemutest.Create(t, base, "", "16M", "write -P 1 0 1M")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", snap)
-	qemutest.IO(t, snap, "write -P 0 256k 64k", "write -P 3 8M 64k")
-	snapRaw, baseRaw := filepath.Join(dir, "snap.raw"), filepath.Join(dir, "base.raw")
-	qemutest.Img(t, "convert", "-O", "raw", snap, snapRaw)
-	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "16M", "write -P 1 0 1M")
+	snap := qemutest.Overlay(t, base, filepath.Join(dir, "snap.qcow2"), "", "write -P 0 256k 64k", "write -P 3 8M 64k")
+	snapRaw, baseRaw := qemutest.Raw(t, snap), qemutest.Raw(t, base)
 	dev := loopDevice(t, snapRaw, false)
 	for _, detect := range []bool{false, true} {
 		diff := filepath.Join(dir, fmt.Sprintf("diff-%v.qcow2", detect))
@@ -269,13 +260,9 @@ func TestHybridRelativeToDetectZeros(t *testing.T) {
 func TestHybridRelativeToShorterBase(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	anc, base, src := filepath.Join(dir, "anc.qcow2"), filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "src.qcow2")
-	qemutest.Create(t, anc, "", "16M", "write -P 1 0 64k", "write -P 2 12M 64k")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "anc.qcow2", "-F", "qcow2", base, "8M")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "anc.qcow2", "-F", "qcow2", src, "16M")
-	qemutest.IO(t, src, "write -P 3 1M 64k")
-	srcRaw, baseRaw := filepath.Join(dir, "src.raw"), filepath.Join(dir, "base.raw")
-	qemutest.Img(t, "convert", "-O", "raw", src, srcRaw)
-	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	anc := qemutest.Create(t, filepath.Join(dir, "anc.qcow2"), "", "16M", "write -P 1 0 64k", "write -P 2 12M 64k")
+	base := qemutest.Overlay(t, anc, filepath.Join(dir, "base.qcow2"), "8M")
+	src := qemutest.Overlay(t, anc, filepath.Join(dir, "src.qcow2"), "", "write -P 3 1M 64k")
+	srcRaw, baseRaw := qemutest.Raw(t, src), qemutest.Raw(t, base)
 	hybridDiff(t, srcRaw, src, base, baseRaw, "", clusterList([][2]int64{{1 << 20, kib64}, {12 << 20, kib64}}))
 }
