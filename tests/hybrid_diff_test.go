@@ -187,6 +187,9 @@ func TestHybridRelativeToVHDSibling(t *testing.T) {
 	// nothing: a zero cluster.
 	want := clusterList([][2]int64{{0, 12288}, {5 << 20, 4096}, {20 << 20, 128 << 10}, {512 << 10, 4096}, {16 << 20, 4096}})
 	hybridDiff(t, vdiRaw, paths["vdi.vhd"], paths["snap.vhd"], snapRaw, "", want)
+	// The same with the snapshot's device named too: never read.
+	snapDev := quietLoop(t, snapRaw)
+	hybridDiff(t, vdiRaw, paths["vdi.vhd"], snapDev+":"+paths["snap.vhd"], snapRaw, snapDev, want)
 	// Against the parent itself, the ancestor: only the VDI's writes.
 	hybridDiff(t, vdiRaw, paths["vdi.vhd"], paths["parent.vhd"], parentRaw, "",
 		clusterList(vdiW))
