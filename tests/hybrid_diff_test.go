@@ -110,14 +110,9 @@ func hybridDiff(t *testing.T, raw, image, base, baseRaw, baseDev, want string, e
 func TestHybridRelativeToQcow2Image(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	base, snap := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "snap.qcow2")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", base, "64M")
-	qemutest.IO(t, base, "write -P 1 0 1M", "write -P 2 8M 1M")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", snap)
-	qemutest.IO(t, snap, "write -z 8M 64k", "write -P 5 40M 64k")
-	snapRaw, baseRaw := filepath.Join(dir, "snap.raw"), filepath.Join(dir, "base.raw")
-	qemutest.Img(t, "convert", "-O", "raw", snap, snapRaw)
-	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "64M", "write -P 1 0 1M", "write -P 2 8M 1M")
+	snap := qemutest.Overlay(t, base, filepath.Join(dir, "snap.qcow2"), "", "write -z 8M 64k", "write -P 5 40M 64k")
+	snapRaw, baseRaw := qemutest.Raw(t, snap), qemutest.Raw(t, base)
 
 	t.Run("shared base image", func(t *testing.T) {
 		hybridDiff(t, snapRaw, snap, base, baseRaw, "", clusterList([][2]int64{{40 << 20, kib64}}))
@@ -192,6 +187,9 @@ func TestHybridRelativeToVHDSibling(t *testing.T) {
 	// nothing: a zero cluster.
 	want := clusterList([][2]int64{{0, 12288}, {5 << 20, 4096}, {20 << 20, 128 << 10}, {512 << 10, 4096}, {16 << 20, 4096}})
 	hybridDiff(t, vdiRaw, paths["vdi.vhd"], paths["snap.vhd"], snapRaw, "", want)
+	// The same with the snapshot's device named too: never read.
+	snapDev := quietLoop(t, snapRaw)
+	hybridDiff(t, vdiRaw, paths["vdi.vhd"], snapDev+":"+paths["snap.vhd"], snapRaw, snapDev, want)
 	// Against the parent itself, the ancestor: only the VDI's writes.
 	hybridDiff(t, vdiRaw, paths["vdi.vhd"], paths["parent.vhd"], parentRaw, "",
 		clusterList(vdiW))
@@ -229,4 +227,45 @@ func TestHybridRelativeToAmbiguous(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestHybridRelativeToDetectZeros: a snapshot that writes zeros as data
+// over the base's data. Trusted, the cluster goes as a data cluster of
+// zeros; with --detect-zeros as a zero cluster. Both diffs, applied onto
+// the base, give the source.
+func TestHybridRelativeToDetectZeros(t *testing.T) {
+	qemutest.Need(t)
+	dir := t.TempDir()
+	base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "16M", "write -P 1 0 1M")
+	snap := qemutest.Overlay(t, base, filepath.Join(dir, "snap.qcow2"), "", "write -P 0 256k 64k", "write -P 3 8M 64k")
+	snapRaw, baseRaw := qemutest.Raw(t, snap), qemutest.Raw(t, base)
+	dev := loopDevice(t, snapRaw, false)
+	for _, detect := range []bool{false, true} {
+		diff := filepath.Join(dir, fmt.Sprintf("diff-%v.qcow2", detect))
+		args := []string{"stream", "--source-format", "hybrid", "--source", dev + ":" + snap, "--relative-to", base}
+		want := clusterList([][2]int64{{256 << 10, kib64}, {8 << 20, kib64}})
+		if detect {
+			args = append(args, "--detect-zeros")
+			want = clusterList([][2]int64{{8 << 20, kib64}})
+		}
+		exportToFile(t, diff, args...)
+		if got := clusterList(dataExtents(t, diff)); got != want {
+			t.Fatalf("--detect-zeros %v: data clusters %s, want %s", detect, got, want)
+		}
+		applyDiff(t, diff, baseRaw, snapRaw)
+	}
+}
+
+// TestHybridRelativeToShorterBase: the base's image is shorter than the
+// ancestor it shares with the source (a qcow2 may be smaller than its
+// backing file). Past the base's end the source's data from the ancestor
+// differs from the base (which has nothing there) and must be in the diff.
+func TestHybridRelativeToShorterBase(t *testing.T) {
+	qemutest.Need(t)
+	dir := t.TempDir()
+	anc := qemutest.Create(t, filepath.Join(dir, "anc.qcow2"), "", "16M", "write -P 1 0 64k", "write -P 2 12M 64k")
+	base := qemutest.Overlay(t, anc, filepath.Join(dir, "base.qcow2"), "8M")
+	src := qemutest.Overlay(t, anc, filepath.Join(dir, "src.qcow2"), "", "write -P 3 1M 64k")
+	srcRaw, baseRaw := qemutest.Raw(t, src), qemutest.Raw(t, base)
+	hybridDiff(t, srcRaw, src, base, baseRaw, "", clusterList([][2]int64{{1 << 20, kib64}, {12 << 20, kib64}}))
 }

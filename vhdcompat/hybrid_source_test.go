@@ -18,13 +18,9 @@ import (
 func TestHybridBaseDeviceBesideImage(t *testing.T) {
 	qemutest.Need(t)
 	dir := t.TempDir()
-	base, snap := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "snap.qcow2")
-	qemutest.Create(t, base, "", "8M", "write -P 1 0 1M")
-	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", snap)
-	qemutest.IO(t, snap, "write -z 0 64k", "write -P 5 4M 64k")
-	snapRaw, baseRaw := filepath.Join(dir, "snap.raw"), filepath.Join(dir, "base.raw")
-	qemutest.Img(t, "convert", "-O", "raw", snap, snapRaw)
-	qemutest.Img(t, "convert", "-O", "raw", base, baseRaw)
+	base := qemutest.Create(t, filepath.Join(dir, "base.qcow2"), "", "8M", "write -P 1 0 1M")
+	snap := qemutest.Overlay(t, base, filepath.Join(dir, "snap.qcow2"), "", "write -z 0 64k", "write -P 5 4M 64k")
+	snapRaw, baseRaw := qemutest.Raw(t, snap), qemutest.Raw(t, base)
 	small := filepath.Join(dir, "small.raw")
 	if err := os.WriteFile(small, make([]byte, 4096), 0o644); err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -72,6 +73,31 @@ func Create(t testing.TB, img, opts, size string, cmds ...string) string {
 		IO(t, img, cmds...)
 	}
 	return img
+}
+
+// Overlay makes a qcow2 image over the qcow2 backing, named by its base
+// name (both in one directory), of size ("": the backing's), and runs
+// qemu-io commands on it; it returns overlay.
+func Overlay(t testing.TB, backing, overlay, size string, cmds ...string) string {
+	t.Helper()
+	args := []string{"create", "-q", "-f", "qcow2", "-b", filepath.Base(backing), "-F", "qcow2", overlay}
+	if size != "" {
+		args = append(args, size)
+	}
+	Img(t, args...)
+	if len(cmds) > 0 {
+		IO(t, overlay, cmds...)
+	}
+	return overlay
+}
+
+// Raw converts img (with its backing chain) to a raw file next to it,
+// named img + ".raw", and returns its path.
+func Raw(t testing.TB, img string) string {
+	t.Helper()
+	raw := img + ".raw"
+	Img(t, "convert", "-O", "raw", img, raw)
+	return raw
 }
 
 // Check asserts qemu-img check finds no errors and no leaks.
