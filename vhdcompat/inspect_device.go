@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/discover"
@@ -70,14 +71,15 @@ type ChainLayer struct {
 const infoClusterBits = 16
 
 // DescribeDevice runs discovery on path as an export would. It returns nil
-// when path is neither a blktap nor an NBD device (nothing is behind it:
-// info and map then describe its content), and otherwise what is behind
-// it, or why that could not be found. The device itself is opened only
+// when path is not a blktap or NBD device (nothing is behind it, or it is
+// no block device at all: info and map then describe its content, or say
+// what is wrong with it), and otherwise what is behind it, or why that
+// could not be found. The device itself is opened only
 // for its size (an NBD device without a server cannot be, and is still
 // described).
 func DescribeDevice(env *Env, path string, search []string) *DeviceInfo {
-	if path == "-" {
-		return nil
+	if st, err := os.Stat(path); path == "-" || err != nil || st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
+		return nil // not a block device: its own errors are info's and map's
 	}
 	res, err := discover.Discover(envCtx(env), path)
 	if errors.Is(err, discover.ErrNotVDIDevice) {

@@ -16,14 +16,14 @@
 # Environment: BIN (binary, default bin/xapi-qcow-tool), BENCH_RUNS (runs
 # per case, default 5; quick: 1), BENCH_DIR (where images go), BENCH_DOC
 # (document whose table to rewrite; empty: none), BENCH_STRICT=1 (exit 1
-# when a case misses its target), BENCH_ONLY=hybrid (only the hybrid
-# source's cases; the table is then printed, not written).
+# when a case misses its target), BENCH_ONLY=hybrid or discovery (only
+# that part's cases; the table is then printed, not written).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QUICK=${BENCH_QUICK:-0}
 ONLY=${BENCH_ONLY:-}
-[[ -z $ONLY || $ONLY == hybrid ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid is a part of its own" >&2; exit 2; }
+[[ -z $ONLY || $ONLY == hybrid || $ONLY == discovery ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid and discovery are parts of their own" >&2; exit 2; }
 BIN=${BIN:-$ROOT/bin/xapi-qcow-tool}
 if [[ $QUICK == 1 ]]; then
 	RUNS=${BENCH_RUNS:-1}
@@ -144,6 +144,23 @@ bench() {
 	mem_check "$name" "$rss" "$memlim"
 }
 
+# first_byte CMD: seconds until CMD's first byte of output reaches the
+# reader (CMD's output is then drained to its end).
+first_byte() {
+	local t0
+	t0=$(now)
+	run "$1 | { head -c 1 >/dev/null; echo \$EPOCHREALTIME >$DIR/ttfb; cat >/dev/null; }"
+	elapsed "$t0" "$(cat "$DIR/ttfb")"
+}
+
+# bench_first_byte NAME TARGET OURS_CMD LIMIT_CMD PREP_CMD: as bench, timing
+# ours to its first byte of output (hybrid.sh, discovery.sh).
+bench_first_byte() {
+	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=$5 o=() l=()
+	interleave first_byte "$ours_cmd" "$limit_cmd" "$prep"
+	record "$name" "$(median "${o[@]}")" "$(median "${l[@]}")" "$target" "-"
+}
+
 peak_rss() { if [[ -s $RSSFILE ]]; then tail -n 1 "$RSSFILE"; else echo 0; fi; }
 rss_text() { if (($1 > 0)); then awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; else echo "n/a"; fi; }
 
@@ -249,9 +266,9 @@ elif ! have losetup; then
 	loop_ok="losetup is not installed"
 fi
 
-if [[ $ONLY == hybrid ]]; then
-	# shellcheck source=tests/bench/hybrid.sh
-	source "$ROOT/tests/bench/hybrid.sh"
+if [[ -n $ONLY ]]; then
+	# shellcheck source=/dev/null
+	source "$ROOT/tests/bench/$ONLY.sh"
 	report
 fi
 

@@ -108,21 +108,4 @@ device_reads() {
 	record "$name" "$(((after - before) * 512))" "$alloc" 1.0 "-"
 }
 
-# first_byte CMD: seconds until CMD's first byte of output reaches the
-# reader (CMD's output is then drained to its end).
-first_byte() {
-	local t0
-	t0=$(now)
-	run "$1 | { head -c 1 >/dev/null; echo \$EPOCHREALTIME >$DIR/ttfb; cat >/dev/null; }"
-	elapsed "$t0" "$(cat "$DIR/ttfb")"
-}
-
-# bench_first_byte NAME TARGET OURS_CMD LIMIT_CMD PREP_CMD: as bench, timing
-# ours to its first byte of output.
-bench_first_byte() {
-	local name=$1 target=$2 ours_cmd=$3 limit_cmd=$4 prep=$5 o=() l=()
-	interleave first_byte "$ours_cmd" "$limit_cmd" "$prep"
-	record "$name" "$(median "${o[@]}")" "$(median "${l[@]}")" "$target" "-"
-}
-
 hybrid_cases
