@@ -211,7 +211,7 @@ func InfoFile(r io.ReaderAt, size int64) (*Info, error) {
 	}
 	in := infoFromHeader(im.h)
 	c := &allocCounter{cs: im.cs}
-	if err := walkFile(im, c.add); err != nil {
+	if err := walkFile(im, func(p piece) error { c.add(p); return nil }); err != nil {
 		return nil, err
 	}
 	in.Allocation = c.done()

@@ -114,46 +114,44 @@ func (in *VHDInfo) WriteHuman(w io.Writer) error {
 	return err
 }
 
-// MapVHD lists the extents of the VHD v as qemu-img map does for vpc:
-// stored sectors are data at their offset in the file (for a fixed disk,
-// reading as zeros where the file has a hole, when holes can tell: qemu
-// asks the file there, and not inside a dynamic disk's blocks); the rest reads as zeros
-// in a dynamic disk, and comes from the parent (depth 1) in a differencing
-// one. An error given with v (from DetectVHD) is returned as it is.
-func MapVHD(v *vhd.Reader, err error, holes inspect.Holes) ([]inspect.MapEntry, error) {
+// MapVHD calls emit with each entry of the map of the VHD v, in guest
+// order, merged as qemu-img map merges (inspect.MapMerger), as the BAT is
+// walked: as qemu-img map does for vpc, stored sectors are data at their
+// offset in the file (for a fixed disk, reading as zeros where the file has
+// a hole, when holes can tell: qemu asks the file there, and not inside a
+// dynamic disk's blocks); the rest reads as zeros in a dynamic disk, and
+// comes from the parent (depth 1) in a differencing one. An error given
+// with v (from DetectVHD) is returned as it is; an error from emit stops
+// the walk and is returned.
+func MapVHD(v *vhd.Reader, err error, holes inspect.Holes, emit func(inspect.MapEntry) error) error {
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var out []inspect.MapEntry
-	add := func(m inspect.MapEntry) {
-		if n := len(out); n > 0 && out[n-1].MergesWith(m) {
-			out[n-1].Length += m.Length
-			return
-		}
-		out = append(out, m)
-	}
+	m := &inspect.MapMerger{Emit: emit}
 	diff := v.Footer.DiskType == vhd.Differencing
 	if v.Footer.DiskType != vhd.Fixed {
 		holes = nil
 	}
 	err = v.Extents(func(e vhd.Extent) error {
-		m := inspect.MapEntry{Start: uint64(e.Start), Length: uint64(e.Length)}
+		me := inspect.MapEntry{Start: uint64(e.Start), Length: uint64(e.Length)}
 		switch {
 		case e.Stored:
-			return addStored(add, e, holes)
+			return addStored(m, e, holes)
 		case diff:
-			m.Depth = 1
+			me.Depth = 1
 		default:
-			m.Present, m.Zero = true, true
+			me.Present, me.Zero = true, true
 		}
-		add(m)
-		return nil
+		return m.Add(me)
 	})
-	return out, err
+	if err != nil {
+		return err
+	}
+	return m.Flush()
 }
 
 // addStored adds a stored extent, split where the file has holes.
-func addStored(add func(inspect.MapEntry), e vhd.Extent, holes inspect.Holes) error {
+func addStored(m *inspect.MapMerger, e vhd.Extent, holes inspect.Holes) error {
 	for pos := int64(0); pos < e.Length; {
 		data, end := true, e.HostOffset+e.Length
 		if holes != nil {
@@ -167,7 +165,9 @@ func addStored(add func(inspect.MapEntry), e vhd.Extent, holes inspect.Holes) er
 			n = e.Length - pos
 		}
 		off := uint64(e.HostOffset + pos)
-		add(inspect.MapEntry{Start: uint64(e.Start + pos), Length: uint64(n), Present: true, Data: true, Zero: !data, Offset: &off})
+		if err := m.Add(inspect.MapEntry{Start: uint64(e.Start + pos), Length: uint64(n), Present: true, Data: true, Zero: !data, Offset: &off}); err != nil {
+			return err
+		}
 		pos += n
 	}
 	return nil
