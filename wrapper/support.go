@@ -52,7 +52,9 @@ type InfoCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
 	discoveryFlag
-	Path string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what is behind it), or - for a qcow2 stream on stdin."`
+	BackingChain bool   `name:"backing-chain" help:"Describe the image and every image below it (qcow2 backing files, VHD parents), top first; in JSON an array, as qemu-img info --backing-chain."`
+	Search       string `name:"path" help:"With --backing-chain: colon-separated directories where parents are searched after the child's own directory, as --source-format hybrid searches them (default: the current directory)." placeholder:"PATHS"`
+	Path         string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what is behind it), or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -84,6 +86,12 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 	if err != nil {
 		return err
 	}
+	if c.BackingChain {
+		return c.runChain(env)
+	}
+	if c.Search != "" {
+		return &vhdcompat.UsageError{Msg: "info: --path is where --backing-chain searches parents: give --backing-chain too"}
+	}
 	if di := c.device(env, c.Path); di != nil {
 		if c.Output == "json" {
 			return writeJSON(env.Stdout, di)
@@ -109,6 +117,29 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 		return writeJSON(env.Stdout, info)
 	}
 	return info.WriteHuman(env.Stdout)
+}
+
+// runChain prints info --backing-chain: every image of the chain, top
+// first; JSON is an array, as qemu-img's.
+func (c *InfoCmd) runChain(env *vhdcompat.Env) error {
+	infos, err := vhdcompat.InfoChain(c.Path, c.Search)
+	if err != nil {
+		return err
+	}
+	if c.Output == "json" {
+		return writeJSON(env.Stdout, infos)
+	}
+	for i, in := range infos {
+		if i > 0 {
+			if _, err := io.WriteString(env.Stdout, "\n"); err != nil {
+				return err
+			}
+		}
+		if err := in.WriteHuman(env.Stdout); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // MapCmd lists the allocation of an image.

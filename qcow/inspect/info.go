@@ -11,14 +11,17 @@ import (
 // where qemu has one; the rest (version, features, header-extensions,
 // snapshot-count, allocation) are ours.
 type Info struct {
-	VirtualSize     uint64         `json:"virtual-size"`
-	Filename        string         `json:"filename"`
-	ClusterSize     uint64         `json:"cluster-size"`
-	Format          string         `json:"format"`
-	BackingFilename string         `json:"backing-filename,omitempty"`
-	BackingFormat   string         `json:"backing-filename-format,omitempty"`
-	DirtyFlag       bool           `json:"dirty-flag"`
-	FormatSpecific  FormatSpecific `json:"format-specific"`
+	VirtualSize     uint64 `json:"virtual-size"`
+	Filename        string `json:"filename"`
+	ClusterSize     uint64 `json:"cluster-size"`
+	Format          string `json:"format"`
+	BackingFilename string `json:"backing-filename,omitempty"`
+	BackingFormat   string `json:"backing-filename-format,omitempty"`
+	// FullBackingFilename is where the backing file was found, when the
+	// chain was opened (info --backing-chain); set by the caller.
+	FullBackingFilename string         `json:"full-backing-filename,omitempty"`
+	DirtyFlag           bool           `json:"dirty-flag"`
+	FormatSpecific      FormatSpecific `json:"format-specific"`
 
 	Version    uint32          `json:"version"`
 	Features   Features        `json:"features"`
@@ -234,6 +237,9 @@ func (in *Info) WriteHuman(w io.Writer) error {
 		bf := in.BackingFilename
 		if in.BackingFormat != "" {
 			bf += " (format " + in.BackingFormat + ")"
+		}
+		if in.FullBackingFilename != "" && in.FullBackingFilename != in.BackingFilename {
+			bf += " (actual path: " + in.FullBackingFilename + ")"
 		}
 		p("backing file", bf)
 	}

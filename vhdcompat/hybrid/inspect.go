@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
+	"strings"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
@@ -29,14 +31,17 @@ func DetectVHD(r io.ReaderAt, size int64) (*vhd.Reader, error) {
 // VHDInfo describes a VHD. Keys are qemu-img info's where qemu has one
 // (format "vpc", cluster-size the block size); the "vhd" object is ours.
 type VHDInfo struct {
-	VirtualSize     uint64     `json:"virtual-size"`
-	Filename        string     `json:"filename"`
-	ClusterSize     uint64     `json:"cluster-size,omitempty"`
-	Format          string     `json:"format"`
-	BackingFilename string     `json:"backing-filename,omitempty"`
-	DirtyFlag       bool       `json:"dirty-flag"`
-	VHD             VHDDetails `json:"vhd"`
-	Allocation      struct {
+	VirtualSize     uint64 `json:"virtual-size"`
+	Filename        string `json:"filename"`
+	ClusterSize     uint64 `json:"cluster-size,omitempty"`
+	Format          string `json:"format"`
+	BackingFilename string `json:"backing-filename,omitempty"`
+	// FullBackingFilename is where the parent was found, when the chain
+	// was opened (info --backing-chain).
+	FullBackingFilename string     `json:"full-backing-filename,omitempty"`
+	DirtyFlag           bool       `json:"dirty-flag"`
+	VHD                 VHDDetails `json:"vhd"`
+	Allocation          struct {
 		DataBytes        uint64 `json:"data-bytes"`
 		UnallocatedBytes uint64 `json:"unallocated-bytes"`
 		AllocatedBlocks  int    `json:"allocated-blocks"`
@@ -107,11 +112,99 @@ func (in *VHDInfo) WriteHuman(w io.Writer) error {
 		for _, l := range in.VHD.ParentLocators {
 			p("parent locator", l)
 		}
+		if in.FullBackingFilename != "" {
+			p("parent found at", in.FullBackingFilename)
+		}
 	}
 	a := in.Allocation
 	p("allocated blocks", fmt.Sprintf("%d of %d", a.AllocatedBlocks, a.Blocks))
 	_, err := fmt.Fprintf(w, "%-22s %d bytes in sectors marked in the bitmaps (%d not stored here)\n", "data:", a.DataBytes, a.UnallocatedBytes)
 	return err
+}
+
+// ImageInfo describes one image of a chain: *inspect.Info for qcow2,
+// *VHDInfo for VHD, *RawInfo for a raw backing file.
+type ImageInfo interface {
+	WriteHuman(w io.Writer) error
+}
+
+// RawInfo describes a raw image at the bottom of a qcow2 chain, with
+// qemu-img info's keys.
+type RawInfo struct {
+	VirtualSize uint64 `json:"virtual-size"`
+	Filename    string `json:"filename"`
+	Format      string `json:"format"`
+	DirtyFlag   bool   `json:"dirty-flag"`
+}
+
+// WriteHuman prints the description for a person.
+func (in *RawInfo) WriteHuman(w io.Writer) error {
+	_, err := fmt.Fprintf(w, "%-22s %s\n%-22s %s\n%-22s %d bytes\n", "image:", in.Filename, "file format:", in.Format, "virtual size:", in.VirtualSize)
+	return err
+}
+
+// InfoChain describes every image of c, top first, as qemu-img info
+// --backing-chain does: each names its file, and the file found for its
+// parent (full-backing-filename), which is the next one's filename.
+func InfoChain(c *Chain) ([]ImageInfo, error) {
+	var out []ImageInfo
+	names := make([]string, len(c.Layers)) // as qemu-img names them
+	for i, l := range c.Layers {
+		if i == 0 {
+			names[0] = l.Path
+		}
+		var parent string
+		if i+1 < len(c.Layers) {
+			var err error
+			if parent, err = l.nameOfParent(names[i], c.Layers[i+1]); err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			names[i+1] = parent
+		}
+		l := *l
+		l.Path = names[i]
+		switch l.Format {
+		case Qcow2:
+			in, err := inspect.InfoFile(l.f, l.size)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			in.Filename, in.FullBackingFilename = l.Path, parent
+			out = append(out, in)
+		case VHD:
+			in, err := InfoVHD(l.vhd)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			in.Filename, in.FullBackingFilename = l.Path, parent
+			out = append(out, in)
+		default:
+			out = append(out, &RawInfo{VirtualSize: uint64(l.VirtualSize), Filename: l.Path, Format: string(l.Format)})
+		}
+	}
+	return out, nil
+}
+
+// nameOfParent is the name qemu-img gives the backing file p of the qcow2
+// image l, l being named name: a relative backing name found in l's
+// directory is appended to name's directory as it is written (qemu's
+// path_combine: "sub/../q1.qcow2", not cleaned). A parent found elsewhere
+// (absolute, or in --path), and a VHD's parent, which qemu-img does not
+// open, are named by the path they were found at.
+func (l *Layer) nameOfParent(name string, p *Layer) (string, error) {
+	if l.Format != Qcow2 {
+		return p.Path, nil
+	}
+	names, err := l.parentNames()
+	if err != nil {
+		return "", err
+	}
+	for _, n := range names {
+		if !filepath.IsAbs(n) && filepath.Join(filepath.Dir(l.Path), n) == p.Path {
+			return name[:strings.LastIndex(name, "/")+1] + n, nil
+		}
+	}
+	return p.Path, nil
 }
 
 // MapVHD calls emit with each entry of the map of the VHD v, in guest
