@@ -131,8 +131,9 @@ func TestInfoBackingChainMissingParent(t *testing.T) {
 	}
 	// Without --backing-chain, --path means nothing: said so.
 	checkOneLineError(t, runTool(t, nil, "info", "--path", lib, top), "--backing-chain")
-	// A stream names no files.
+	// A stream names no files; --direct does not apply.
 	checkOneLineError(t, runTool(t, nil, "info", "--backing-chain", "-"), "stream")
+	checkOneLineError(t, runTool(t, nil, "info", "--backing-chain", "--direct", top), "--direct does not apply")
 }
 
 func TestInfoBackingChainVHD(t *testing.T) {

@@ -72,10 +72,19 @@ image and its chain, and the bytes an export will read; or why nothing
 was found, in which case an export reads the whole device. --no-discovery
 describes the device's own content instead.
 
+With --backing-chain, the image and every image below it, top first (in
+JSON an array, as qemu-img info --backing-chain): qcow2 backing files and
+VHD parents, found as --source-format hybrid finds them (a relative name
+in the child's directory, then in each --path directory), each with the
+path its parent was found at. A parent found nowhere fails with one line
+naming every path tried. The chain's metadata is read through the page
+cache, as the hybrid source reads it.
+
 Examples:
 
     xapi-qcow-tool info /var/tmp/disk.qcow2
     xapi-qcow-tool info --output=json /var/tmp/disk.qcow2
+    xapi-qcow-tool info --backing-chain --path /dev/mapper:/var/run/sr-mount/SR /var/run/sr-mount/SR/VDI.vhd
     xapi-qcow-tool info /dev/sm/backend/SR-UUID/VDI-UUID
     curl -s ... | xapi-qcow-tool info -`
 }
@@ -87,6 +96,10 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 		return err
 	}
 	if c.BackingChain {
+		if c.Direct {
+			// The chain is opened as the hybrid source opens it.
+			return &vhdcompat.UsageError{Msg: "info: --backing-chain reads the chain's metadata through the page cache, as the hybrid source does: --direct does not apply"}
+		}
 		return c.runChain(env)
 	}
 	if c.Search != "" {
