@@ -190,8 +190,8 @@ For a blktap or NBD device, the ranges an export of it reads (data) and
 leaves out, from the image chain found behind it, under a heading naming
 the driver, the image and the chain's depth (the ranges read listed as
 qemu-img map lists a raw disk's data, at their own offset; with
---output=json, an object with those fields and the entries as "extents"). --no-discovery maps the
-device's own content instead.
+--output=json, an object with those fields and the entries as
+"extents"). --no-discovery maps the device's own content instead.
 
 Examples:
 
