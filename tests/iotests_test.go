@@ -563,7 +563,8 @@ var importModes = []importMode{
 }
 
 // TestIotestsCorpus runs every row of iotestCases: our imports against
-// qemu-img convert, our check against qemu-img check. Each row logs one
+// qemu-img convert, our check against qemu-img check, our map against
+// qemu-img map. Each row logs one
 // line of what qemu and we did (go test -v -run TestIotestsCorpus).
 func TestIotestsCorpus(t *testing.T) {
 	qemutest.Need(t)
@@ -680,8 +681,10 @@ func runIotestCase(t *testing.T, c iotestCase) {
 	if ours.Code != qcheck {
 		t.Errorf("check exits %d, qemu-img check %d\nours: %s%s", ours.Code, qcheck, ours.Stdout, ours.Stderr)
 	}
-	t.Logf("ROW | %s | %s | qemu: open %v, convert %v, check %d | ours: %s | check %d",
-		c.iotest, c.name, opens, reads, qcheck, strings.Join(results, ", "), ours.Code)
+	// map: byte for byte qemu-img map's, wherever qemu-img maps the image.
+	mapped := judgeMap(t, img, c.kind == valid)
+	t.Logf("ROW | %s | %s | qemu: open %v, convert %v, check %d | ours: %s | check %d | %s",
+		c.iotest, c.name, opens, reads, qcheck, strings.Join(results, ", "), ours.Code, mapped)
 }
 
 // judgeImport applies a row's rule to one import and names its outcome.

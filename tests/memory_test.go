@@ -125,6 +125,7 @@ func TestCapHostileCorpus(t *testing.T) {
 			{"stream_decode", stream, []string{"stream_decode", dst}, false},
 			{"info-file", nil, []string{"info", f}, true},
 			{"check-stream", stream, []string{"check", "-"}, true},
+			{"map-stream", stream, []string{"map", "--output=json", "-"}, true},
 		} {
 			os.Remove(dst)
 			code, stderr, rss := runCapped(t, prefix, rssFile, c.gen, c.args...)
@@ -286,13 +287,14 @@ func TestCapSpreadStream(t *testing.T) {
 	for _, args := range [][]string{
 		{"serve", "--destination", filepath.Join(dir, "dst.img")},
 		{"check", "-"},
+		{"map", "-"},
 	} {
 		code, stderr, rss := runCapped(t, prefix, rssFile, gen, args...)
 		t.Logf("%s: exit %d, peak RSS %d MiB: %s", args[0], code, rss>>20, strings.TrimSpace(stderr))
 		if args[0] == "serve" {
 			checkCapped(t, code, stderr, rss, "more than")
 		} else if strings.Contains(stderr, "fatal error") || rss > rssMax {
-			t.Fatalf("check: exit %d, RSS %d MiB: %q", code, rss>>20, stderr)
+			t.Fatalf("%s: exit %d, RSS %d MiB: %q", args[0], code, rss>>20, stderr)
 		}
 	}
 }

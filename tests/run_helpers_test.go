@@ -25,6 +25,7 @@ type cmdSpec struct {
 	stderr *os.File   // nil: captured in proc.stderr (a pty, to be a terminal)
 	extra  []*os.File // descriptors 3, 4, ... of the child
 	env    []string   // added to the environment
+	dir    string     // working directory ("": the test's)
 	limit  time.Duration
 }
 
@@ -55,6 +56,7 @@ func start(t testing.TB, s cmdSpec) *proc {
 		p.cmd.Env = append(os.Environ(), s.env...)
 	}
 	p.cmd.Stdin = s.stdin
+	p.cmd.Dir = s.dir
 	p.cmd.Stdout = s.stdout
 	if s.stdout == nil {
 		p.cmd.Stdout = &p.stdout

@@ -170,6 +170,8 @@ func TestSupportMapInfoAgreeWithQemu(t *testing.T) {
 				sameMap(t, "map (whole chain)", got, qemutest.ParseMap(t, "qemu-img map", qemutest.Img(t, "map", "--output=json", img)))
 			}
 			sameMap(t, "map", got, want)
+			// Both layouts, byte for byte.
+			t.Log(judgeMap(t, img, true))
 
 			// map of a stream: the decoder sees no holes of a file and no host
 			// offsets of zero ranges; everything else, offsets included, holds.

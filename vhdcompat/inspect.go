@@ -21,14 +21,29 @@ func Info(env *Env, path string, dio rawdisk.IO) (*inspect.Info, error) {
 	return inspectPath(env, "info", path, dio, func(d *rawdisk.Disk) (*inspect.Info, error) { return inspect.InfoFile(d.Unaligned(), d.Size()) }, inspect.InfoStream)
 }
 
-// Map lists the allocation of the image at path, as qemu-img map does.
-func Map(env *Env, path string, dio rawdisk.IO) ([]inspect.MapEntry, error) {
-	return inspectPath(env, "map", path, dio, func(d *rawdisk.Disk) ([]inspect.MapEntry, error) {
-		if v, err := hybrid.DetectVHD(d.Unaligned(), d.Size()); err != nil || v != nil {
-			return hybrid.MapVHD(v, err, d)
+// Map calls emit with each entry of the map of the image at path (qcow2 or
+// VHD, or a qcow2 stream for "-"), as qemu-img map lists it, while the
+// image is walked. An error from emit stops the walk and is returned as
+// it is, unwrapped: it is the caller's (writing the map), not the image's.
+func Map(env *Env, path string, dio rawdisk.IO, emit func(inspect.MapEntry) error) error {
+	var emitErr error
+	out := func(e inspect.MapEntry) error {
+		if err := emit(e); err != nil {
+			emitErr = err
+			return err
 		}
-		return inspect.MapFile(d.Unaligned(), d.Size(), d)
-	}, inspect.MapStream)
+		return nil
+	}
+	_, err := inspectPath(env, "map", path, dio, func(d *rawdisk.Disk) (struct{}, error) {
+		if v, err := hybrid.DetectVHD(d.Unaligned(), d.Size()); err != nil || v != nil {
+			return struct{}{}, hybrid.MapVHD(v, err, d, out)
+		}
+		return struct{}{}, inspect.MapFile(d.Unaligned(), d.Size(), d, out)
+	}, func(r io.Reader) (struct{}, error) { return struct{}{}, inspect.MapStream(r, out) })
+	if emitErr != nil {
+		return emitErr
+	}
+	return err
 }
 
 // Check checks the structure of the image at path, as qemu-img check does.

@@ -1,6 +1,7 @@
 package wrapper
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -51,7 +52,9 @@ type InfoCmd struct {
 	outputFlag
 	vhdcompat.DiskIOFlags
 	discoveryFlag
-	Path string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what is behind it), or - for a qcow2 stream on stdin."`
+	BackingChain bool   `name:"backing-chain" help:"Describe the image and every image below it (qcow2 backing files, VHD parents), top first; in JSON an array, as qemu-img info --backing-chain."`
+	Search       string `name:"path" help:"With --backing-chain: colon-separated directories where parents are searched after the child's own directory, as --source-format hybrid searches them (default: the current directory)." placeholder:"PATHS"`
+	Path         string `arg:"" help:"qcow2 or VHD file, a blktap or NBD device (what is behind it), or - for a qcow2 stream on stdin."`
 }
 
 // Help is the long help with an example.
@@ -69,10 +72,19 @@ image and its chain, and the bytes an export will read; or why nothing
 was found, in which case an export reads the whole device. --no-discovery
 describes the device's own content instead.
 
+With --backing-chain, the image and every image below it, top first (in
+JSON an array, as qemu-img info --backing-chain): qcow2 backing files and
+VHD parents, found as --source-format hybrid finds them (a relative name
+in the child's directory, then in each --path directory), each with the
+path its parent was found at. A parent found nowhere fails with one line
+naming every path tried. The chain's metadata is read through the page
+cache, as the hybrid source reads it.
+
 Examples:
 
     xapi-qcow-tool info /var/tmp/disk.qcow2
     xapi-qcow-tool info --output=json /var/tmp/disk.qcow2
+    xapi-qcow-tool info --backing-chain --path /dev/mapper:/var/run/sr-mount/SR /var/run/sr-mount/SR/VDI.vhd
     xapi-qcow-tool info /dev/sm/backend/SR-UUID/VDI-UUID
     curl -s ... | xapi-qcow-tool info -`
 }
@@ -82,6 +94,16 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 	dio, err := c.IO()
 	if err != nil {
 		return err
+	}
+	if c.BackingChain {
+		if c.Direct {
+			// The chain is opened as the hybrid source opens it.
+			return &vhdcompat.UsageError{Msg: "info: --backing-chain reads the chain's metadata through the page cache, as the hybrid source does: --direct does not apply"}
+		}
+		return c.runChain(env)
+	}
+	if c.Search != "" {
+		return &vhdcompat.UsageError{Msg: "info: --path is where --backing-chain searches parents: give --backing-chain too"}
 	}
 	if di := c.device(env, c.Path); di != nil {
 		if c.Output == "json" {
@@ -110,6 +132,29 @@ func (c *InfoCmd) Run(env *vhdcompat.Env) error {
 	return info.WriteHuman(env.Stdout)
 }
 
+// runChain prints info --backing-chain: every image of the chain, top
+// first; JSON is an array, as qemu-img's.
+func (c *InfoCmd) runChain(env *vhdcompat.Env) error {
+	infos, err := vhdcompat.InfoChain(c.Path, c.Search)
+	if err != nil {
+		return err
+	}
+	if c.Output == "json" {
+		return writeJSON(env.Stdout, infos)
+	}
+	for i, in := range infos {
+		if i > 0 {
+			if _, err := io.WriteString(env.Stdout, "\n"); err != nil {
+				return err
+			}
+		}
+		if err := in.WriteHuman(env.Stdout); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // MapCmd lists the allocation of an image.
 type MapCmd struct {
 	outputFlag
@@ -120,25 +165,38 @@ type MapCmd struct {
 
 // Help is the long help with an example.
 func (c *MapCmd) Help() string {
-	return `Lists the extents of the image as qemu-img map does: start, length,
-depth, present, zero, data and the host offset (none for compressed
-clusters), with adjacent extents merged the same way. For a stream (-)
-the data offsets are those of the stream, as they would be in a file of it;
-zero ranges carry no offset there, and a stream has no file holes, so data
-preallocated on holes is not reported as reading zero. Ranges left to a
-backing file are reported at depth 1, not inspected. A VHD file is mapped
-as qemu-img maps format vpc: stored sectors as data at their offset in the
-file, the rest as zeros, or at depth 1 for a differencing disk.
+	return `Lists the extents of the image as qemu-img map does, in its two
+layouts, while the image is walked: memory does not grow with the number
+of extents, and output starts at once.
+
+--output=json lists every extent: start, length, depth, present, zero,
+data and the host offset (none for compressed clusters), adjacent extents
+merged as qemu-img merges them, byte for byte qemu-img's output. The
+human layout lists, as qemu-img's does, the extents whose data the image
+holds (Offset, Length, Mapped to, File); compressed ones, which qemu-img
+refuses to list that way, show "compressed" as where they are mapped to.
+
+Ranges left to a backing file are reported at depth 1 and not inspected
+(the human layout leaves them out). For a stream (-) the data offsets are
+those of the stream, as they would be in a file of it; zero ranges carry
+no offset there, and a stream has no file holes, so data preallocated on
+holes is not reported as reading zero. A stream that describes ranges far
+out of guest order is refused (more than 524288 ranges held): map the
+file. A VHD file is mapped as qemu-img maps format vpc: stored sectors as
+data at their offset in the file, the rest as zeros, or at depth 1 for a
+differencing disk.
 
 For a blktap or NBD device, the ranges an export of it reads (data) and
 leaves out, from the image chain found behind it, under a heading naming
-the driver, the image and the chain's depth (with --output=json, an object
-with those fields and the entries as "extents"). --no-discovery maps the
-device's own content instead.
+the driver, the image and the chain's depth (the ranges read listed as
+qemu-img map lists a raw disk's data, at their own offset; with
+--output=json, an object with those fields and the entries as
+"extents"). --no-discovery maps the device's own content instead.
 
 Examples:
 
     xapi-qcow-tool map --output=json /var/tmp/disk.qcow2
+    xapi-qcow-tool map /var/tmp/disk.vhd | head
     xapi-qcow-tool map /dev/sm/backend/SR-UUID/VDI-UUID
     cat /var/tmp/disk.qcow2 | xapi-qcow-tool map -`
 }
@@ -152,23 +210,35 @@ func (c *MapCmd) Run(env *vhdcompat.Env) error {
 	if di := c.device(env, c.Path); di != nil {
 		return writeDeviceMap(env.Stdout, di, c.Output == "json")
 	}
-	m, err := vhdcompat.Map(env, c.Path, dio)
-	if err != nil {
+	w := bufio.NewWriterSize(env.Stdout, 64<<10)
+	p := &mapPrinter{w: w, json: c.Output == "json", file: c.Path}
+	if err := vhdcompat.Map(env, c.Path, dio, p.entry); err != nil {
+		if p.err != nil {
+			return fmt.Errorf("map: writing the map to stdout: %w", p.err)
+		}
+		w.Flush() // what was found before the fault
 		return err
 	}
-	return writeMap(env.Stdout, m, c.Output == "json")
+	p.end()
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("map: writing the map to stdout: %w", err)
+	}
+	return nil
 }
 
 // writeDeviceMap prints what an export of a device reads: a heading then
-// the map, or one JSON object holding both.
-func writeDeviceMap(w io.Writer, di *vhdcompat.DeviceInfo, asJSON bool) error {
+// the map, or one JSON object holding both. In the human layout the data
+// an export reads is listed as qemu-img map lists a raw disk's: mapped to
+// the same offset of the device.
+func writeDeviceMap(out io.Writer, di *vhdcompat.DeviceInfo, asJSON bool) error {
 	m := di.Map()
 	if asJSON {
-		return writeJSON(w, struct {
+		return writeJSON(out, struct {
 			*vhdcompat.DeviceInfo
 			Extents []inspect.MapEntry `json:"extents"`
 		}{di, m})
 	}
+	w := bufio.NewWriter(out)
 	fmt.Fprintf(w, "# %s: allocation %s", di.Device, di.Allocation)
 	if di.Image != "" {
 		fmt.Fprintf(w, ", %s:%s, chain depth %d", di.Driver, di.Image, di.ChainDepth)
@@ -177,54 +247,102 @@ func writeDeviceMap(w io.Writer, di *vhdcompat.DeviceInfo, asJSON bool) error {
 	if di.Error != "" {
 		fmt.Fprintf(w, "# discovery failed: %s\n", di.Error)
 	}
-	return writeMap(w, m, false)
+	p := &mapPrinter{w: w, file: di.Device}
+	for _, e := range m {
+		if e.Data {
+			e.Offset = &e.Start
+		}
+		if p.entry(e) != nil {
+			break
+		}
+	}
+	p.end()
+	return w.Flush()
 }
 
-// writeMap prints map entries as qemu-img map does.
-func writeMap(w io.Writer, m []inspect.MapEntry, asJSON bool) error {
-	if asJSON {
-		// qemu-img's layout: one extent per line.
-		var b strings.Builder
-		b.WriteString("[")
-		for i, e := range m {
-			if i > 0 {
-				b.WriteString(",\n")
-			}
-			fmt.Fprintf(&b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
-				e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data)
-			if e.Offset != nil {
-				fmt.Fprintf(&b, `, "offset": %d`, *e.Offset)
-			}
-			b.WriteString("}")
+// mapPrinter writes a map in qemu-img map's layouts, entry by entry as the
+// image is walked.
+type mapPrinter struct {
+	w    *bufio.Writer
+	json bool
+	file string // the File column of the human layout
+	n    int    // entries written (the header goes with the first: an image refused at once prints nothing)
+	err  error  // the first write error
+	buf  []byte
+}
+
+func (p *mapPrinter) header(b []byte) []byte {
+	if p.json {
+		return append(b, '[')
+	}
+	return fmt.Appendf(b, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
+}
+
+// entry writes one entry. JSON lists every entry, one a line. The human
+// layout lists, as qemu-img does, the ranges whose data this image holds
+// (data that does not read as zeros) with their offset in the file;
+// compressed ranges, which qemu-img refuses to list this way, say
+// "compressed" there. Ranges left to a backing file (depth 1) are not
+// inspected, so not listed.
+func (p *mapPrinter) entry(e inspect.MapEntry) error {
+	b := p.buf[:0]
+	if p.n == 0 {
+		b = p.header(b)
+	}
+	if p.json {
+		if p.n > 0 {
+			b = append(b, ",\n"...)
 		}
-		b.WriteString("]\n")
-		_, err := io.WriteString(w, b.String())
+		b = appendMapJSON(b, e)
+	} else if e.Data && !e.Zero && e.Depth == 0 {
+		b = appendHex16(b, e.Start)
+		b = appendHex16(b, e.Length)
+		if e.Offset != nil {
+			b = appendHex16(b, *e.Offset)
+		} else {
+			b = fmt.Appendf(b, "%-16s", "compressed")
+		}
+		b = append(append(b, p.file...), '\n')
+	}
+	p.n++
+	p.buf = b
+	if _, err := p.w.Write(b); err != nil {
+		p.err = err
 		return err
 	}
-	fmt.Fprintf(w, "%-18s %-18s %-18s %s\n", "Offset", "Length", "Mapped to", "Kind")
-	for _, e := range m {
-		kind := "unallocated"
-		switch {
-		case e.Depth > 0:
-			kind = "backing file"
-		case e.Data && e.Zero:
-			kind = "data (reads as zero)"
-		case e.Data:
-			kind = "data"
-		case e.Present && e.Zero:
-			kind = "zero"
-		}
-		mapped := "-"
-		if e.Offset != nil {
-			mapped = fmt.Sprintf("%#x", *e.Offset)
-		} else if e.Data {
-			mapped = "compressed"
-		}
-		if _, err := fmt.Fprintf(w, "%-18s %-18s %-18s %s\n", fmt.Sprintf("%#x", e.Start), fmt.Sprintf("%#x", e.Length), mapped, kind); err != nil {
-			return err
+	return nil
+}
+
+func (p *mapPrinter) end() {
+	if p.n == 0 {
+		p.w.Write(p.header(nil))
+		if p.json {
+			// qemu-img's map of an empty disk: one empty entry.
+			p.w.Write(appendMapJSON(nil, inspect.MapEntry{}))
 		}
 	}
-	return nil
+	if p.json {
+		p.w.WriteString("]\n")
+	}
+}
+
+// appendMapJSON appends e in qemu-img map --output=json's layout.
+func appendMapJSON(b []byte, e inspect.MapEntry) []byte {
+	b = fmt.Appendf(b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
+		e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data)
+	if e.Offset != nil {
+		b = fmt.Appendf(b, `, "offset": %d`, *e.Offset)
+	}
+	return append(b, '}')
+}
+
+// appendHex16 appends n as C's printf("%#-16x") does: 0x before
+// non-zero values only, left-aligned in 16 columns.
+func appendHex16(b []byte, n uint64) []byte {
+	if n == 0 {
+		return fmt.Appendf(b, "%-16s", "0")
+	}
+	return fmt.Appendf(b, "%-#16x", n)
 }
 
 // CheckCmd validates the structure of an image.

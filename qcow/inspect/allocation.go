@@ -18,23 +18,21 @@ func Walk(r io.ReaderAt, size int64, fn func(start, length uint64, kind qcow.Ext
 		return err
 	}
 	var cur piece
-	var ferr error
-	flush := func() {
-		if cur.length > 0 && ferr == nil {
-			ferr = fn(cur.start, cur.length, cur.kind)
-		}
-	}
-	err = walkFile(im, func(p piece) {
+	err = walkFile(im, func(p piece) error {
 		if cur.length > 0 && cur.kind == p.kind && cur.start+cur.length == p.start {
 			cur.length += p.length
-			return
+			return nil
 		}
-		flush()
+		if cur.length > 0 {
+			if err := fn(cur.start, cur.length, cur.kind); err != nil {
+				return err
+			}
+		}
 		cur = piece{start: p.start, length: p.length, kind: p.kind}
+		return nil
 	})
-	if err != nil {
+	if err != nil || cur.length == 0 {
 		return err
 	}
-	flush()
-	return ferr
+	return fn(cur.start, cur.length, cur.kind)
 }

@@ -2,6 +2,8 @@ package inspect
 
 import (
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -110,14 +112,16 @@ func TestCounterIsBounded(t *testing.T) {
 	}
 }
 
-// TestMapIsBounded: an image alternating zero and unallocated clusters,
-// more than maxRuns times (512-byte clusters, no data needed), is refused
-// by map with errTooManyRuns instead of growing without bound.
-func TestMapIsBounded(t *testing.T) {
+// TestMapStreamsManyRuns: an image alternating zero and unallocated
+// clusters a million times (512-byte clusters, no data needed) is mapped
+// entry by entry as it is walked: every run comes out, in order, and the
+// walk stops at the first error of emit.
+func TestMapStreamsManyRuns(t *testing.T) {
 	const (
 		cs     = 512
 		per    = cs / 8 // L2 entries per table
-		tables = (maxRuns + 2*per) / per
+		runs   = 1 << 20
+		tables = runs / per
 		l1Off  = 2 * cs
 		l2Off  = l1Off + (tables*8+cs-1)/cs*cs
 	)
@@ -131,7 +135,22 @@ func TestMapIsBounded(t *testing.T) {
 			be.PutUint64(img[l2Off+i*cs+8*j:], 1) // zero flag; the next one is unallocated
 		}
 	}
-	if _, err := MapFile(zerotail.File{B: img, Size: int64(len(img))}, int64(len(img)), nil); err != errTooManyRuns {
-		t.Fatalf("MapFile: %v, want %v", err, errTooManyRuns)
+	file := zerotail.File{B: img, Size: int64(len(img))}
+	var n int
+	err := MapFile(file, file.Size, nil, func(e MapEntry) error {
+		want := MapEntry{Start: uint64(n) * cs, Length: cs, Present: n%2 == 0, Zero: true}
+		if e != want {
+			return fmt.Errorf("entry %d: %+v, want %+v", n, e, want)
+		}
+		n++
+		return nil
+	})
+	if err != nil || n != runs {
+		t.Fatalf("MapFile: %v after %d entries, want %d", err, n, runs)
+	}
+	stop := errors.New("stop")
+	n = 0
+	if err := MapFile(file, file.Size, nil, func(MapEntry) error { n++; return stop }); err != stop || n != 1 {
+		t.Fatalf("MapFile after emit failed: %v, %d entries", err, n)
 	}
 }

@@ -11,14 +11,17 @@ import (
 // where qemu has one; the rest (version, features, header-extensions,
 // snapshot-count, allocation) are ours.
 type Info struct {
-	VirtualSize     uint64         `json:"virtual-size"`
-	Filename        string         `json:"filename"`
-	ClusterSize     uint64         `json:"cluster-size"`
-	Format          string         `json:"format"`
-	BackingFilename string         `json:"backing-filename,omitempty"`
-	BackingFormat   string         `json:"backing-filename-format,omitempty"`
-	DirtyFlag       bool           `json:"dirty-flag"`
-	FormatSpecific  FormatSpecific `json:"format-specific"`
+	VirtualSize     uint64 `json:"virtual-size"`
+	Filename        string `json:"filename"`
+	ClusterSize     uint64 `json:"cluster-size"`
+	Format          string `json:"format"`
+	BackingFilename string `json:"backing-filename,omitempty"`
+	BackingFormat   string `json:"backing-filename-format,omitempty"`
+	// FullBackingFilename is where the backing file was found, when the
+	// chain was opened (info --backing-chain); set by the caller.
+	FullBackingFilename string         `json:"full-backing-filename,omitempty"`
+	DirtyFlag           bool           `json:"dirty-flag"`
+	FormatSpecific      FormatSpecific `json:"format-specific"`
 
 	Version    uint32          `json:"version"`
 	Features   Features        `json:"features"`
@@ -211,7 +214,7 @@ func InfoFile(r io.ReaderAt, size int64) (*Info, error) {
 	}
 	in := infoFromHeader(im.h)
 	c := &allocCounter{cs: im.cs}
-	if err := walkFile(im, c.add); err != nil {
+	if err := walkFile(im, func(p piece) error { c.add(p); return nil }); err != nil {
 		return nil, err
 	}
 	in.Allocation = c.done()
@@ -234,6 +237,9 @@ func (in *Info) WriteHuman(w io.Writer) error {
 		bf := in.BackingFilename
 		if in.BackingFormat != "" {
 			bf += " (format " + in.BackingFormat + ")"
+		}
+		if in.FullBackingFilename != "" && in.FullBackingFilename != in.BackingFilename {
+			bf += " (actual path: " + in.FullBackingFilename + ")"
 		}
 		p("backing file", bf)
 	}

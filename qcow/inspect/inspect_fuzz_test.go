@@ -86,7 +86,7 @@ func FuzzInspectFile(f *testing.F) {
 			}
 		})
 		bounded(t, "map", func() {
-			m, err := MapFile(file, file.Size, nil)
+			m, err := mapFile(file, file.Size, nil)
 			if err == nil {
 				im, _ := openImage(file, file.Size)
 				checkMap(t, "map", m, im.h.Size)
@@ -114,7 +114,7 @@ func FuzzInspectStream(f *testing.F) {
 			}
 		})
 		bounded(t, "map", func() {
-			m, err := MapStream(pipe())
+			m, err := mapStream(pipe())
 			if err == nil {
 				in, _ := InfoStream(pipe())
 				checkMap(t, "map", m, in.VirtualSize)

@@ -2,6 +2,7 @@ package inspect
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"math/rand"
 	"os"
@@ -87,7 +88,8 @@ func TestCounterIsSparse(t *testing.T) {
 }
 
 func TestMapMergesLikeQemu(t *testing.T) {
-	m := &mapper{}
+	var out []MapEntry
+	m := &mapper{m: MapMerger{Emit: func(e MapEntry) error { out = append(out, e); return nil }}}
 	cs := uint64(65536)
 	m.add(piece{start: 0, length: cs, kind: qcow.ExtentData, host: 5 * cs, hasHost: true})
 	m.add(piece{start: cs, length: cs, kind: qcow.ExtentData, host: 6 * cs, hasHost: true})     // contiguous: merged
@@ -96,11 +98,12 @@ func TestMapMergesLikeQemu(t *testing.T) {
 	m.add(piece{start: 4 * cs, length: cs, kind: qcow.ExtentData, host: 7000, compressed: true}) // no offsets: merged
 	m.add(piece{start: 5 * cs, length: cs, kind: qcow.ExtentZero})
 	m.add(piece{start: 6 * cs, length: 3 * cs, kind: qcow.ExtentUnallocated})
+	m.m.Flush()
 	want := []string{"0+131072 data@327680", "131072+65536 data@589824", "196608+131072 data", "327680+65536 zero", "393216+196608 hole"}
-	if len(m.out) != len(want) {
-		t.Fatalf("%d entries: %+v", len(m.out), m.out)
+	if len(out) != len(want) {
+		t.Fatalf("%d entries: %+v", len(out), out)
 	}
-	for i, e := range m.out {
+	for i, e := range out {
 		s := ""
 		switch {
 		case e.Data:
@@ -164,7 +167,7 @@ func TestEncodedImageIsCleanAndMapped(t *testing.T) {
 	if res.ExitCode() != 0 || res.AllocatedClusters == 0 {
 		t.Fatalf("%+v", res)
 	}
-	m, err := MapFile(r, int64(len(img)), nil)
+	m, err := mapFile(r, int64(len(img)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,7 +193,7 @@ func TestEncodedImageIsCleanAndMapped(t *testing.T) {
 		t.Fatalf("info %+v, map data %d", in.Allocation, data)
 	}
 	// The stream of the same image gives the same map.
-	sm, err := MapStream(bytes.NewReader(img))
+	sm, err := mapStream(bytes.NewReader(img))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,10 +264,10 @@ func TestHostileImages(t *testing.T) {
 		ra := bytes.NewReader(img)
 		n := int64(len(img))
 		InfoFile(ra, n)
-		MapFile(ra, n, nil)
+		mapFile(ra, n, nil)
 		CheckFile(ra, n)
 		Compare(ra, n, bytes.NewReader(base), int64(len(base)))
-		MapStream(bytes.NewReader(img))
+		mapStream(bytes.NewReader(img))
 		CheckStream(io.LimitReader(bytes.NewReader(img), n))
 	}
 }
@@ -286,10 +289,10 @@ func TestHostileCorpus(t *testing.T) {
 		}
 		ra, n := bytes.NewReader(img), int64(len(img))
 		InfoFile(ra, n)
-		MapFile(ra, n, nil)
+		mapFile(ra, n, nil)
 		Compare(ra, n, ra, n)
 		InfoStream(bytes.NewReader(img))
-		MapStream(bytes.NewReader(img))
+		mapStream(bytes.NewReader(img))
 		CheckStream(bytes.NewReader(img))
 		if res, err := CheckFile(ra, n); err == nil && res.ExitCode() == 0 {
 			clean = append(clean, filepath.Base(f))
@@ -301,5 +304,64 @@ func TestHostileCorpus(t *testing.T) {
 	// short (qemu reads the missing byte as zero).
 	if want := []string{"backing_refused.qcow2", "incompat_corrupt.qcow2", "truncated-at-0xefff.qcow2"}; !slices.Equal(clean, want) {
 		t.Fatalf("check finds nothing wrong in %v, want only %v", clean, want)
+	}
+}
+
+// mapFile and mapStream collect the map that MapFile and MapStream emit.
+func mapFile(r io.ReaderAt, size int64, holes Holes) (m []MapEntry, err error) {
+	err = MapFile(r, size, holes, func(e MapEntry) error { m = append(m, e); return nil })
+	return m, err
+}
+
+func mapStream(r io.Reader) (m []MapEntry, err error) {
+	err = MapStream(r, func(e MapEntry) error { m = append(m, e); return nil })
+	return m, err
+}
+
+// TestGuestOrder: pieces arriving out of guest order come out in guest
+// order, each as soon as what is before it has come; a range described
+// twice is refused, and so is holding more than maxHeld pieces.
+func TestGuestOrder(t *testing.T) {
+	const n = 1000
+	perm := rand.New(rand.NewSource(1)).Perm(n)
+	var got []uint64
+	g := &guestOrder{size: n * 512, emit: func(p piece) error { got = append(got, p.start, p.length); return nil }}
+	for _, i := range perm {
+		kind := qcow.ExtentData
+		if i%3 == 0 {
+			kind = qcow.ExtentZero
+		}
+		if err := g.add(piece{start: uint64(i) * 512, length: 512, kind: kind, host: uint64(i+1) * 512, hasHost: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := g.done(); err != nil {
+		t.Fatal(err)
+	}
+	var pos uint64
+	for i := 0; i < len(got); i += 2 {
+		if got[i] != pos {
+			t.Fatalf("piece at %d, want %d", got[i], pos)
+		}
+		pos += got[i+1]
+	}
+	if pos != n*512 || len(g.held) != 0 {
+		t.Fatalf("covered %d of %d, %d held", pos, n*512, len(g.held))
+	}
+
+	g = &guestOrder{size: 4096, emit: func(piece) error { return nil }}
+	g.add(piece{start: 1024, length: 512})
+	g.add(piece{start: 0, length: 1024})
+	if err := g.add(piece{start: 1024, length: 512, kind: qcow.ExtentZero}); err == nil {
+		t.Fatal("a range described twice was accepted")
+	}
+
+	g = &guestOrder{size: 1 << 40, emit: func(piece) error { return nil }}
+	var err error
+	for i := uint64(1); err == nil && i < 2*maxHeld; i++ {
+		err = g.add(piece{start: i * 1024, length: 512}) // never continues what came before
+	}
+	if !errors.Is(err, qcow.ErrNeedRandomAccess) || len(g.held) > maxHeld {
+		t.Fatalf("held %d pieces: %v", len(g.held), err)
 	}
 }

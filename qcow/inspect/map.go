@@ -68,76 +68,110 @@ func (a MapEntry) MergesWith(next MapEntry) bool {
 	return a.Offset == nil || *a.Offset+a.Length == *b.Offset
 }
 
-// mapper merges entries as they come, in guest order.
-type mapper struct {
-	out     []MapEntry
-	backing bool
-	holes   func(p piece) []piece // splits preallocated data at holes, or nil
-	err     error                 // errTooManyRuns
+// MapMerger merges a map's entries as qemu-img map does (MergesWith) while
+// they come, in guest order, and hands each merged entry to Emit once the
+// next one cannot extend it: it holds one entry, whatever the length of
+// the map. Every map this tool prints goes through it.
+type MapMerger struct {
+	Emit func(MapEntry) error
+	cur  MapEntry
+	off  uint64 // *cur.Offset, copied: the caller's may be reused
+	have bool
 }
 
-func (m *mapper) add(p piece) {
+// Add merges e into the entry held, or emits that one and holds e. It
+// returns Emit's error.
+func (m *MapMerger) Add(e MapEntry) error {
+	if e.Length == 0 {
+		return nil
+	}
+	if m.have && m.cur.MergesWith(e) {
+		m.cur.Length += e.Length
+		return nil
+	}
+	if err := m.Flush(); err != nil {
+		return err
+	}
+	m.cur, m.have = e, true
+	if e.Offset != nil {
+		m.off = *e.Offset
+		m.cur.Offset = &m.off
+	}
+	return nil
+}
+
+// Flush emits the entry held, if any: call it after the last Add. The
+// entry emitted is Emit's to keep (its Offset is not reused).
+func (m *MapMerger) Flush() error {
+	if !m.have {
+		return nil
+	}
+	m.have = false
+	e := m.cur
+	if e.Offset != nil {
+		off := m.off
+		e.Offset = &off
+	}
+	return m.Emit(e)
+}
+
+// mapper turns pieces into entries of the map.
+type mapper struct {
+	m       MapMerger
+	backing bool
+	holes   Holes // set for a metadata-preallocated file: data on its holes reads as zeros
+}
+
+func (m *mapper) add(p piece) error {
 	if p.length == 0 {
-		return
+		return nil
 	}
 	if m.holes != nil && p.kind == qcow.ExtentData && p.hasHost && !p.compressed {
-		for _, q := range m.holes(p) {
-			m.addEntry(q)
+		ps, err := splitAtHoles(p, m.holes)
+		if err != nil {
+			return err
 		}
-		return
+		for _, q := range ps {
+			if err := m.addEntry(q); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
-	m.addEntry(p)
+	return m.addEntry(p)
 }
 
-func (m *mapper) addEntry(p piece) {
+func (m *mapper) addEntry(p piece) error {
 	e := entryFor(p, m.backing)
 	if p.holeZero {
 		e.Zero = true
 	}
-	if n := len(m.out); n > 0 && m.out[n-1].MergesWith(e) {
-		m.out[n-1].Length += e.Length
-		return
-	}
-	if len(m.out) >= maxRuns {
-		m.err = errTooManyRuns
-		return
-	}
-	m.out = append(m.out, e)
+	return m.m.Add(e)
 }
 
-// MapFile returns the allocation map of the image in r (size bytes long).
-// holes may be nil.
-func MapFile(r io.ReaderAt, size int64, holes Holes) (_ []MapEntry, err error) {
+// MapFile calls emit with each entry of the allocation map of the image in
+// r (size bytes long), in guest order, merged as qemu-img map merges them,
+// as the image is walked: memory does not grow with the number of entries.
+// holes may be nil. An error from emit stops the walk and is returned.
+func MapFile(r io.ReaderAt, size int64, holes Holes, emit func(MapEntry) error) error {
 	im, err := openImage(r, size)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	m := &mapper{backing: im.h.BackingFile != ""}
+	m := &mapper{m: MapMerger{Emit: emit}, backing: im.h.BackingFile != ""}
 	if holes != nil {
 		pre, err := im.metadataPreallocated(holes)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if pre {
-			var herr error
-			m.holes = func(p piece) []piece {
-				ps, err := splitAtHoles(p, holes)
-				if err != nil && herr == nil {
-					herr = err
-				}
-				return ps
-			}
-			defer func() {
-				if herr != nil && err == nil {
-					err = herr
-				}
-			}()
+			m.holes = holes
 		}
 	}
 	if err := walkFile(im, m.add); err != nil {
-		return nil, err
+		return err
 	}
-	return m.out, m.err
+	return m.m.Flush()
 }
 
 // splitAtHoles cuts a data piece where the host file changes between data

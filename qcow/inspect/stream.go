@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow"
 )
@@ -13,87 +12,199 @@ import (
 const streamBuffer = 64 << 20
 
 // walkStream reads a whole stream through the decoder and calls emit for
-// every guest range in guest order. The decoder yields stream order, so the
-// pieces are collected (without their data) and sorted; gaps are
-// unallocated.
-func walkStream(r io.Reader, emit func(piece)) (*qcow.Header, error) {
+// every guest range in guest order, after begin with the header. The
+// decoder yields stream order; guestOrder puts it back in guest order as
+// it comes. An error from emit stops the walk and is returned.
+func walkStream(r io.Reader, begin func(*qcow.Header), emit func(piece) error) error {
 	d, err := qcow.NewReader(r, qcow.ReaderOptions{MaxBuffered: streamBuffer, AllowBacking: true})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	h := d.Header()
-	var ps []piece
+	begin(h)
+	g := &guestOrder{size: h.Size, emit: emit}
 	for {
 		x, err := d.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return h, err
+			return err
 		}
 		p := piece{start: x.Offset, length: x.Length, kind: x.Kind, host: x.HostOffset, hasHost: x.HostOffset != 0, compressed: x.Compressed}
 		if x.Kind == qcow.ExtentData {
 			p.hasHost = !x.Compressed
 		}
-		if p.kind == qcow.ExtentUnallocated && !p.hasHost {
-			continue // gaps are filled below
-		}
-		if ps = appendMerged(ps, p); len(ps) > maxRuns {
-			return h, errTooManyRuns
+		if err := g.add(p); err != nil {
+			return err
 		}
 	}
-	sort.Slice(ps, func(i, j int) bool { return ps[i].start < ps[j].start })
-	var pos uint64
-	for _, p := range ps {
-		if p.start < pos {
-			return h, fmt.Errorf("stream describes guest offset %#x twice", p.start)
-		}
-		if p.start > pos {
-			emit(piece{start: pos, length: p.start - pos, kind: qcow.ExtentUnallocated})
-		}
-		if p.start+p.length > h.Size {
-			if p.start >= h.Size {
-				continue
-			}
-			p.length = h.Size - p.start
-		}
-		emit(p)
-		pos = p.start + p.length
-	}
-	if pos < h.Size {
-		emit(piece{start: pos, length: h.Size - pos, kind: qcow.ExtentUnallocated})
-	}
-	return h, nil
+	return g.done()
 }
 
-// MapStream returns the allocation map of the image streamed from r. The
+// maxHeld bounds the pieces guestOrder holds: 2^19 of them, 16 MiB (32 MiB
+// while the heap grows). A stream in the layout of this tool's export (all
+// L2 tables, then the data) makes it hold about one piece per pending data
+// run, which the decoder itself bounds lower (MaxBuffered/128); streams
+// written as qemu-img writes files (each L2 table just before its data)
+// make it hold one L2 table's worth.
+const maxHeld = 1 << 19
+
+// guestOrder hands pieces that arrive in stream order to emit in guest
+// order. It emits every piece that continues what was emitted at once, and
+// holds the others (merged when they continue each other) until the range
+// before them arrives.
+type guestOrder struct {
+	pos, size uint64 // everything before pos has been emitted
+	held      pieceHeap
+	tail      piece // the piece held last, still growing
+	emit      func(piece) error
+}
+
+func (g *guestOrder) add(p piece) error {
+	if p.length == 0 || p.start >= g.size {
+		return nil
+	}
+	p.length = min(p.length, g.size-p.start)
+	switch {
+	case p.start < g.pos:
+		return fmt.Errorf("stream describes guest offset %#x twice", p.start)
+	case p.start == g.pos:
+		if err := g.put(p); err != nil {
+			return err
+		}
+		return g.drain()
+	case g.tail.length > 0 && g.tail.continuedBy(p):
+		g.tail.length += p.length
+		return nil
+	}
+	if g.tail.length > 0 {
+		g.held.push(g.tail)
+	}
+	g.tail = p
+	if len(g.held) >= maxHeld {
+		return fmt.Errorf("%w: this stream's order makes map hold more than %d ranges that arrive before the ranges in front of them (map the file instead)", qcow.ErrNeedRandomAccess, maxHeld)
+	}
+	return nil
+}
+
+func (g *guestOrder) put(p piece) error {
+	g.pos = p.start + p.length
+	return g.emit(p)
+}
+
+// drain emits the held pieces that now continue what was emitted.
+func (g *guestOrder) drain() error {
+	for {
+		var p piece
+		switch {
+		case len(g.held) > 0 && g.held[0].start <= g.pos:
+			p = g.held.pop()
+		case g.tail.length > 0 && g.tail.start <= g.pos:
+			p, g.tail = g.tail, piece{}
+		default:
+			return nil
+		}
+		if p.start < g.pos {
+			return fmt.Errorf("stream describes guest offset %#x twice", p.start)
+		}
+		if err := g.put(p); err != nil {
+			return err
+		}
+	}
+}
+
+// done emits what is left. The decoder covers the disk exactly once, so
+// nothing should be; a range nothing described reads as unallocated.
+func (g *guestOrder) done() error {
+	if g.tail.length > 0 {
+		g.held.push(g.tail)
+		g.tail = piece{}
+	}
+	for {
+		if err := g.drain(); err != nil {
+			return err
+		}
+		next := g.size
+		if len(g.held) > 0 {
+			next = g.held[0].start
+		}
+		if g.pos >= next {
+			return nil
+		}
+		if err := g.put(piece{start: g.pos, length: next - g.pos, kind: qcow.ExtentUnallocated}); err != nil {
+			return err
+		}
+	}
+}
+
+// pieceHeap is a min-heap of pieces by guest start (container/heap would
+// box every piece).
+type pieceHeap []piece
+
+func (h *pieceHeap) push(p piece) {
+	*h = append(*h, p)
+	a := *h
+	for i := len(a) - 1; i > 0; {
+		parent := (i - 1) / 2
+		if a[parent].start <= a[i].start {
+			break
+		}
+		a[parent], a[i] = a[i], a[parent]
+		i = parent
+	}
+}
+
+func (h *pieceHeap) pop() piece {
+	a := *h
+	top := a[0]
+	n := len(a) - 1
+	a[0] = a[n]
+	a = a[:n]
+	for i := 0; ; {
+		least, l, r := i, 2*i+1, 2*i+2
+		if l < n && a[l].start < a[least].start {
+			least = l
+		}
+		if r < n && a[r].start < a[least].start {
+			least = r
+		}
+		if least == i {
+			break
+		}
+		a[i], a[least] = a[least], a[i]
+		i = least
+	}
+	if n == 0 && cap(a) > 1<<12 {
+		a = nil // let a heap grown by a badly ordered stretch go
+	}
+	*h = a
+	return top
+}
+
+// MapStream calls emit with each entry of the allocation map of the image
+// streamed from r, in guest order, merged as qemu-img map merges them. The
 // host offsets are those of the stream, as they would be in a file of it.
-func MapStream(r io.Reader) ([]MapEntry, error) {
-	m := &mapper{}
-	var ps []piece
-	h, err := walkStream(r, func(p piece) { ps = append(ps, p) })
+// An error from emit stops the walk and is returned.
+func MapStream(r io.Reader, emit func(MapEntry) error) error {
+	m := &mapper{m: MapMerger{Emit: emit}}
+	err := walkStream(r, func(h *qcow.Header) { m.backing = h.BackingFile != "" }, m.add)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	m.backing = h.BackingFile != ""
-	for _, p := range ps {
-		m.add(p)
-	}
-	return m.out, m.err
+	return m.m.Flush()
 }
 
 // InfoStream describes the image streamed from r, reading all of it.
 func InfoStream(r io.Reader) (*Info, error) {
+	var in *Info
 	var c *allocCounter
-	var ps []piece
-	h, err := walkStream(r, func(p piece) { ps = append(ps, p) })
+	err := walkStream(r, func(h *qcow.Header) {
+		in = infoFromHeader(h)
+		c = &allocCounter{cs: h.ClusterSize()}
+	}, func(p piece) error { c.add(p); return nil })
 	if err != nil {
 		return nil, err
-	}
-	in := infoFromHeader(h)
-	c = &allocCounter{cs: h.ClusterSize()}
-	for _, p := range ps {
-		c.add(p)
 	}
 	in.Allocation = c.done()
 	return in, nil

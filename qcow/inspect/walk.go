@@ -30,34 +30,32 @@ func badRef(format string, args ...any) error {
 
 // decodeL2 turns one L2 entry (and, for extended L2, its subcluster bitmap)
 // into pieces for the guest cluster at start, clipped to the virtual size.
-func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBitmap, emit func(piece)) {
+func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBitmap, emit func(piece) error) error {
 	cs := h.ClusterSize()
 	size := h.Size
-	clip := func(p piece) {
+	clip := func(p piece) error {
 		if p.start >= size {
-			return
+			return nil
 		}
 		if p.start+p.length > size {
 			p.length = size - p.start
 		}
-		emit(p)
+		return emit(p)
 	}
 	if e.Compressed() {
 		off, _ := e.CompressedExtent(h.ClusterBits)
-		clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: off, compressed: true})
-		return
+		return clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: off, compressed: true})
 	}
 	host := e.Offset()
 	if !h.ExtendedL2() {
 		switch {
 		case e.Zero():
-			clip(piece{start: start, length: cs, kind: qcow.ExtentZero, host: host, hasHost: host != 0})
+			return clip(piece{start: start, length: cs, kind: qcow.ExtentZero, host: host, hasHost: host != 0})
 		case host != 0:
-			clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: host, hasHost: true})
+			return clip(piece{start: start, length: cs, kind: qcow.ExtentData, host: host, hasHost: true})
 		default:
-			clip(piece{start: start, length: cs, kind: qcow.ExtentUnallocated})
+			return clip(piece{start: start, length: cs, kind: qcow.ExtentUnallocated})
 		}
-		return
 	}
 	sc := cs / 32
 	for i := uint(0); i < 32; i++ {
@@ -73,14 +71,19 @@ func decodeL2(h *qcow.Header, start uint64, e qcow.L2Entry, bm qcow.SubclusterBi
 		if !p.hasHost {
 			p.host = 0
 		}
-		clip(p)
+		if err := clip(p); err != nil {
+			return err
+		}
 	}
+	return nil
 }
 
 // walkFile calls emit for every guest range of the image in guest order.
 // A table it cannot follow is an error: Check is the command that reports
-// every fault; here one is enough to stop.
-func walkFile(im *image, emit func(piece)) error {
+// every fault; here one is enough to stop. An error from emit stops the
+// walk and is returned. It holds the L1 table and one L2 table at a time,
+// whatever the number of ranges.
+func walkFile(im *image, emit func(piece) error) error {
 	h := im.h
 	l1, err := im.l1()
 	if err != nil {
@@ -101,7 +104,9 @@ func walkFile(im *image, emit func(piece)) error {
 			if start+length > h.Size {
 				length = h.Size - start
 			}
-			emit(piece{start: start, length: length, kind: qcow.ExtentUnallocated})
+			if err := emit(piece{start: start, length: length, kind: qcow.ExtentUnallocated}); err != nil {
+				return err
+			}
 			continue
 		}
 		if e.Offset()%im.cs != 0 || !im.inFile(e.Offset(), im.cs) {
@@ -128,34 +133,32 @@ func walkFile(im *image, emit func(piece)) error {
 			if step == 2 {
 				bm = qcow.SubclusterBitmap(l2[j+1])
 			}
-			decodeL2(h, gs, qcow.L2Entry(l2[j]), bm, emit)
+			if err := decodeL2(h, gs, qcow.L2Entry(l2[j]), bm, emit); err != nil {
+				return err
+			}
 		}
 	}
 	// An L1 table shorter than the disk (allowed when the tail is
 	// unallocated) leaves the rest undescribed.
 	if end := uint64(len(l1)) * span; end < h.Size {
-		emit(piece{start: end, length: h.Size - end, kind: qcow.ExtentUnallocated})
+		return emit(piece{start: end, length: h.Size - end, kind: qcow.ExtentUnallocated})
 	}
 	return nil
 }
 
-// maxRuns bounds the runs a map (or a stream's pieces) holds in memory:
-// 2^19 of them take about 32 MiB, and their JSON about 50 MiB more.
-const maxRuns = 1 << 19
-
-// errTooManyRuns: a map of more than maxRuns runs.
-var errTooManyRuns = fmt.Errorf("the image has more than %d separate runs of data, zeros and holes: more than map holds in memory (use qemu-img map)", maxRuns)
-
 // appendMerged appends p, extending the last piece instead when p continues
 // it, so that a stream of millions of clusters keeps a few pieces per run.
 func appendMerged(ps []piece, p piece) []piece {
-	if n := len(ps); n > 0 {
-		q := &ps[n-1]
-		if q.kind == p.kind && q.compressed == p.compressed && q.hasHost == p.hasHost &&
-			q.start+q.length == p.start && (!q.hasHost || q.host+q.length == p.host) {
-			q.length += p.length
-			return ps
-		}
+	if n := len(ps); n > 0 && ps[n-1].continuedBy(p) {
+		ps[n-1].length += p.length
+		return ps
 	}
 	return append(ps, p)
+}
+
+// continuedBy reports whether p starts where q ends and reads the same way
+// (same kind, and host offsets that continue each other).
+func (q piece) continuedBy(p piece) bool {
+	return q.kind == p.kind && q.compressed == p.compressed && q.hasHost == p.hasHost && q.holeZero == p.holeZero &&
+		q.start+q.length == p.start && (!q.hasHost || q.host+q.length == p.host)
 }

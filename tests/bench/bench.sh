@@ -420,5 +420,6 @@ fi
 # The hybrid source: allocation read from the VHD or qcow2 behind the VDI.
 source "$ROOT/tests/bench/hybrid.sh"
 source "$ROOT/tests/bench/discovery.sh" # xapi's argv, the image found behind the device
+source "$ROOT/tests/bench/map.sh" # map of a fragmented image, against qemu-img map
 
 report

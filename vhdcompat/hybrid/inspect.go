@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
+	"strings"
 
 	"github.com/xapi-project/xapi-qcow-tool/qcow/inspect"
 	"github.com/xapi-project/xapi-qcow-tool/vhdcompat/vhd"
@@ -29,14 +31,17 @@ func DetectVHD(r io.ReaderAt, size int64) (*vhd.Reader, error) {
 // VHDInfo describes a VHD. Keys are qemu-img info's where qemu has one
 // (format "vpc", cluster-size the block size); the "vhd" object is ours.
 type VHDInfo struct {
-	VirtualSize     uint64     `json:"virtual-size"`
-	Filename        string     `json:"filename"`
-	ClusterSize     uint64     `json:"cluster-size,omitempty"`
-	Format          string     `json:"format"`
-	BackingFilename string     `json:"backing-filename,omitempty"`
-	DirtyFlag       bool       `json:"dirty-flag"`
-	VHD             VHDDetails `json:"vhd"`
-	Allocation      struct {
+	VirtualSize     uint64 `json:"virtual-size"`
+	Filename        string `json:"filename"`
+	ClusterSize     uint64 `json:"cluster-size,omitempty"`
+	Format          string `json:"format"`
+	BackingFilename string `json:"backing-filename,omitempty"`
+	// FullBackingFilename is where the parent was found, when the chain
+	// was opened (info --backing-chain).
+	FullBackingFilename string     `json:"full-backing-filename,omitempty"`
+	DirtyFlag           bool       `json:"dirty-flag"`
+	VHD                 VHDDetails `json:"vhd"`
+	Allocation          struct {
 		DataBytes        uint64 `json:"data-bytes"`
 		UnallocatedBytes uint64 `json:"unallocated-bytes"`
 		AllocatedBlocks  int    `json:"allocated-blocks"`
@@ -107,6 +112,9 @@ func (in *VHDInfo) WriteHuman(w io.Writer) error {
 		for _, l := range in.VHD.ParentLocators {
 			p("parent locator", l)
 		}
+		if in.FullBackingFilename != "" {
+			p("parent found at", in.FullBackingFilename)
+		}
 	}
 	a := in.Allocation
 	p("allocated blocks", fmt.Sprintf("%d of %d", a.AllocatedBlocks, a.Blocks))
@@ -114,46 +122,129 @@ func (in *VHDInfo) WriteHuman(w io.Writer) error {
 	return err
 }
 
-// MapVHD lists the extents of the VHD v as qemu-img map does for vpc:
-// stored sectors are data at their offset in the file (for a fixed disk,
-// reading as zeros where the file has a hole, when holes can tell: qemu
-// asks the file there, and not inside a dynamic disk's blocks); the rest reads as zeros
-// in a dynamic disk, and comes from the parent (depth 1) in a differencing
-// one. An error given with v (from DetectVHD) is returned as it is.
-func MapVHD(v *vhd.Reader, err error, holes inspect.Holes) ([]inspect.MapEntry, error) {
-	if err != nil {
-		return nil, err
-	}
-	var out []inspect.MapEntry
-	add := func(m inspect.MapEntry) {
-		if n := len(out); n > 0 && out[n-1].MergesWith(m) {
-			out[n-1].Length += m.Length
-			return
+// ImageInfo describes one image of a chain: *inspect.Info for qcow2,
+// *VHDInfo for VHD, *RawInfo for a raw backing file.
+type ImageInfo interface {
+	WriteHuman(w io.Writer) error
+}
+
+// RawInfo describes a raw image at the bottom of a qcow2 chain, with
+// qemu-img info's keys.
+type RawInfo struct {
+	VirtualSize uint64 `json:"virtual-size"`
+	Filename    string `json:"filename"`
+	Format      string `json:"format"`
+	DirtyFlag   bool   `json:"dirty-flag"`
+}
+
+// WriteHuman prints the description for a person.
+func (in *RawInfo) WriteHuman(w io.Writer) error {
+	_, err := fmt.Fprintf(w, "%-22s %s\n%-22s %s\n%-22s %d bytes\n", "image:", in.Filename, "file format:", in.Format, "virtual size:", in.VirtualSize)
+	return err
+}
+
+// InfoChain describes every image of c, top first, as qemu-img info
+// --backing-chain does: each names its file, and the file found for its
+// parent (full-backing-filename), which is the next one's filename.
+func InfoChain(c *Chain) ([]ImageInfo, error) {
+	var out []ImageInfo
+	names := make([]string, len(c.Layers)) // as qemu-img names them
+	for i, l := range c.Layers {
+		if i == 0 {
+			names[0] = l.Path
 		}
-		out = append(out, m)
+		var parent string
+		if i+1 < len(c.Layers) {
+			var err error
+			if parent, err = l.nameOfParent(names[i], c.Layers[i+1]); err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			names[i+1] = parent
+		}
+		l := *l
+		l.Path = names[i]
+		switch l.Format {
+		case Qcow2:
+			in, err := inspect.InfoFile(l.f, l.size)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			in.Filename, in.FullBackingFilename = l.Path, parent
+			out = append(out, in)
+		case VHD:
+			in, err := InfoVHD(l.vhd)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", l.Path, err)
+			}
+			in.Filename, in.FullBackingFilename = l.Path, parent
+			out = append(out, in)
+		default:
+			out = append(out, &RawInfo{VirtualSize: uint64(l.VirtualSize), Filename: l.Path, Format: string(l.Format)})
+		}
 	}
+	return out, nil
+}
+
+// nameOfParent is the name qemu-img gives the backing file p of the qcow2
+// image l, l being named name: a relative backing name found in l's
+// directory is appended to name's directory as it is written (qemu's
+// path_combine: "sub/../q1.qcow2", not cleaned). A parent found elsewhere
+// (absolute, or in --path), and a VHD's parent, which qemu-img does not
+// open, are named by the path they were found at.
+func (l *Layer) nameOfParent(name string, p *Layer) (string, error) {
+	if l.Format != Qcow2 {
+		return p.Path, nil
+	}
+	names, err := l.parentNames()
+	if err != nil {
+		return "", err
+	}
+	for _, n := range names {
+		if !filepath.IsAbs(n) && filepath.Join(filepath.Dir(l.Path), n) == p.Path {
+			return name[:strings.LastIndex(name, "/")+1] + n, nil
+		}
+	}
+	return p.Path, nil
+}
+
+// MapVHD calls emit with each entry of the map of the VHD v, in guest
+// order, merged as qemu-img map merges (inspect.MapMerger), as the BAT is
+// walked: as qemu-img map does for vpc, stored sectors are data at their
+// offset in the file (for a fixed disk, reading as zeros where the file has
+// a hole, when holes can tell: qemu asks the file there, and not inside a
+// dynamic disk's blocks); the rest reads as zeros in a dynamic disk, and
+// comes from the parent (depth 1) in a differencing one. An error given
+// with v (from DetectVHD) is returned as it is; an error from emit stops
+// the walk and is returned.
+func MapVHD(v *vhd.Reader, err error, holes inspect.Holes, emit func(inspect.MapEntry) error) error {
+	if err != nil {
+		return err
+	}
+	m := &inspect.MapMerger{Emit: emit}
 	diff := v.Footer.DiskType == vhd.Differencing
 	if v.Footer.DiskType != vhd.Fixed {
 		holes = nil
 	}
 	err = v.Extents(func(e vhd.Extent) error {
-		m := inspect.MapEntry{Start: uint64(e.Start), Length: uint64(e.Length)}
+		me := inspect.MapEntry{Start: uint64(e.Start), Length: uint64(e.Length)}
 		switch {
 		case e.Stored:
-			return addStored(add, e, holes)
+			return addStored(m, e, holes)
 		case diff:
-			m.Depth = 1
+			me.Depth = 1
 		default:
-			m.Present, m.Zero = true, true
+			me.Present, me.Zero = true, true
 		}
-		add(m)
-		return nil
+		return m.Add(me)
 	})
-	return out, err
+	if err != nil {
+		return err
+	}
+	return m.Flush()
 }
 
 // addStored adds a stored extent, split where the file has holes.
-func addStored(add func(inspect.MapEntry), e vhd.Extent, holes inspect.Holes) error {
+func addStored(m *inspect.MapMerger, e vhd.Extent, holes inspect.Holes) error {
 	for pos := int64(0); pos < e.Length; {
 		data, end := true, e.HostOffset+e.Length
 		if holes != nil {
@@ -167,7 +258,9 @@ func addStored(add func(inspect.MapEntry), e vhd.Extent, holes inspect.Holes) er
 			n = e.Length - pos
 		}
 		off := uint64(e.HostOffset + pos)
-		add(inspect.MapEntry{Start: uint64(e.Start + pos), Length: uint64(n), Present: true, Data: true, Zero: !data, Offset: &off})
+		if err := m.Add(inspect.MapEntry{Start: uint64(e.Start + pos), Length: uint64(n), Present: true, Data: true, Zero: !data, Offset: &off}); err != nil {
+			return err
+		}
 		pos += n
 	}
 	return nil
