@@ -16,14 +16,14 @@
 # Environment: BIN (binary, default bin/xapi-qcow-tool), BENCH_RUNS (runs
 # per case, default 5; quick: 1), BENCH_DIR (where images go), BENCH_DOC
 # (document whose table to rewrite; empty: none), BENCH_STRICT=1 (exit 1
-# when a case misses its target), BENCH_ONLY=hybrid or discovery (only
-# that part's cases; the table is then printed, not written).
+# when a case misses its target), BENCH_ONLY=hybrid, discovery or nbd
+# (only that part's cases; the table is then printed, not written).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QUICK=${BENCH_QUICK:-0}
 ONLY=${BENCH_ONLY:-}
-[[ -z $ONLY || $ONLY == hybrid || $ONLY == discovery ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid and discovery are parts of their own" >&2; exit 2; }
+[[ -z $ONLY || $ONLY == hybrid || $ONLY == discovery || $ONLY == nbd ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid, discovery and nbd are parts of their own" >&2; exit 2; }
 BIN=${BIN:-$ROOT/bin/xapi-qcow-tool}
 if [[ $QUICK == 1 ]]; then
 	RUNS=${BENCH_RUNS:-1}
@@ -266,6 +266,19 @@ elif ! have losetup; then
 	loop_ok="losetup is not installed"
 fi
 
+# device_reads NAME DEV CMD ALLOCATED: one run of CMD after emptying DEV's
+# cache, and the bytes DEV's counter says it read against the allocated
+# bytes: 1.00 is each allocated byte read once (the O_DIRECT open's two
+# 4 KiB alignment probes are below the rounding).
+device_reads() {
+	local name=$1 dev=$2 cmd=$3 alloc=$4 before after
+	run "blockdev --flushbufs $dev"
+	before=$(awk '{print $3}' "/sys/block/${dev#/dev/}/stat")
+	run "$cmd | cat >/dev/null"
+	after=$(awk '{print $3}' "/sys/block/${dev#/dev/}/stat")
+	record "$name" "$(((after - before) * 512))" "$alloc" 1.0 "-"
+}
+
 if [[ -n $ONLY ]]; then
 	# shellcheck source=/dev/null
 	source "$ROOT/tests/bench/$ONLY.sh"
@@ -421,5 +434,6 @@ fi
 source "$ROOT/tests/bench/hybrid.sh"
 source "$ROOT/tests/bench/discovery.sh" # xapi's argv, the image found behind the device
 source "$ROOT/tests/bench/map.sh" # map of a fragmented image, against qemu-img map
+source "$ROOT/tests/bench/nbd.sh" # nbdhybrid: allocation from an NBD server
 
 report

@@ -95,17 +95,4 @@ hybrid_cases() {
 	rm -f "$raw" "$DIR"/thin.*
 }
 
-# device_reads NAME DEV CMD ALLOCATED: one run of CMD after emptying DEV's
-# cache, and the bytes DEV's counter says it read against the allocated
-# bytes: 1.00 is each allocated byte read once (the O_DIRECT open's two
-# 4 KiB alignment probes are below the rounding).
-device_reads() {
-	local name=$1 dev=$2 cmd=$3 alloc=$4 before after
-	run "blockdev --flushbufs $dev"
-	before=$(awk '{print $3}' "/sys/block/${dev#/dev/}/stat")
-	run "$cmd | cat >/dev/null"
-	after=$(awk '{print $3}' "/sys/block/${dev#/dev/}/stat")
-	record "$name" "$(((after - before) * 512))" "$alloc" 1.0 "-"
-}
-
 hybrid_cases
