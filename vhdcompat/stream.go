@@ -42,7 +42,7 @@ func (c *StreamCmd) Help() string {
 written front to back to the destination without seeking or temporary files.
 All-zero clusters are left unallocated; with --relative-to only clusters that
 differ from the base are stored. Where the allocation comes from the image
-behind the disk (--source-format hybrid, --allocation-map) it is trusted: each
+behind the disk (--source-format hybrid, nbdhybrid, --allocation-map) it is trusted: each
 allocated cluster is read once and sent as read (--detect-zeros reads them
 first to leave zero clusters out).
 
