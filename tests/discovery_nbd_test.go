@@ -195,10 +195,36 @@ func TestDiscoveryNBD(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	h.nbdRecord(6, qsock, "export one")
+	// Its allocation is the server's block status (the nbdhybrid source),
+	// which is what the raw file holds (the node itself, without the nbd
+	// driver, cannot be opened: said as for /dev/nbd5).
 	in = h.deviceInfo("info", "--output=json", "/dev/nbd6")
 	if in.Via != "nbd" || in.NBD == nil || in.NBD.SocketReal != qsock || in.NBD.ExportName != "export one" ||
-		in.Tapdisk != nil || in.Allocation != "scan" || !strings.Contains(in.Error, "not by a tapdisk") {
-		t.Fatalf("info /dev/nbd6: %+v", in)
+		in.Tapdisk != nil || in.Allocation != "nbd" || !strings.Contains(in.Error, "cannot be opened") || in.AllocatedBytes != clustersOf(regions) {
+		t.Fatalf("info /dev/nbd6: %+v; want the allocation of server %s, %d bytes", in, qsock, clustersOf(regions))
+	}
+	// A record naming a socket where something else answers: said, and
+	// the device would be scanned.
+	other := filepath.Join(h.dir, "not-nbd.sock")
+	ln, err := net.Listen("unix", other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("HTTP/1.0 400 Bad Request\r\n\r\n"))
+			c.Close()
+		}
+	}()
+	h.nbdRecord(6, other, "export one")
+	in = h.deviceInfo("info", "--output=json", "/dev/nbd6")
+	if in.Via != "nbd" || in.Allocation != "scan" || !strings.Contains(in.Error, "not an NBD server") || !strings.Contains(in.Error, other) {
+		t.Fatalf("info /dev/nbd6 with another server: %+v", in)
 	}
 
 	t.Run("export through /dev/nbdN", func(t *testing.T) {
@@ -209,8 +235,8 @@ func TestDiscoveryNBD(t *testing.T) {
 
 // nbdExport exports through a real /dev/nbd0 connected to a server on a
 // socket named as tapdisk names its own, and checks the export reads the
-// chain's allocation; then through another server, and checks the
-// fallback.
+// chain's allocation; then through another server, and checks the export
+// takes the allocation from that server's block status.
 func nbdExport(h *xapiHost, raw, leaf string) {
 	t := h.t
 	if _, err := os.Stat("/sys/module/nbd"); err != nil {
@@ -223,7 +249,7 @@ func nbdExport(h *xapiHost, raw, leaf string) {
 		sock, alloc, warn string
 	}{
 		{filepath.Join(h.dir, "blktap-control", "nbd5151.9"), "vhd", ""},
-		{filepath.Join(h.dir, "other.sock"), "scan", "not by a tapdisk"},
+		{filepath.Join(h.dir, "other.sock"), "nbd", ""},
 	} {
 		qn := exec.Command("qemu-nbd", "-r", "-k", c.sock, "--persistent", "-x", "vdi", "-f", "raw", raw)
 		if err := qn.Start(); err != nil {
@@ -241,9 +267,12 @@ func nbdExport(h *xapiHost, raw, leaf string) {
 		out := filepath.Join(h.dir, fmt.Sprintf("nbd%d.qcow2", i))
 		started, warnings := h.export(out, "qcow2-to-stdout.py", "/dev/nbd0")
 		qemutest.Compare(t, out, raw)
-		if c.warn == "" {
+		switch {
+		case c.alloc == "nbd": // the server's block status: no image
+			checkAllocation(t, started, warnings, c.alloc, "")
+		case c.warn == "":
 			checkAllocation(t, started, warnings, c.alloc, leaf)
-		} else {
+		default:
 			checkFallback(t, started, warnings, c.alloc, c.warn)
 		}
 		exec.Command("nbd-client", "-d", "/dev/nbd0").Run()

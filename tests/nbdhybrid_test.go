@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/xapi-project/xapi-qcow-tool/tests/nbdtest"
 	"github.com/xapi-project/xapi-qcow-tool/tests/qemutest"
@@ -230,5 +231,26 @@ func TestNBDHybridRefusals(t *testing.T) {
 				t.Fatalf("the destination was created")
 			}
 		})
+	}
+}
+
+// TestNBDHybridJournal: the export's journal entries name where its
+// allocation came from: ALLOCATION=nbd, the server's socket and export.
+func TestNBDHybridJournal(t *testing.T) {
+	qemutest.Need(t)
+	nbdtest.Need(t, "qemu-nbd")
+	img, raw := nbdTestImage(t, t.TempDir())
+	st, _ := os.Stat(raw)
+	s := nbdtest.QemuNBD(t, img, "qcow2", "vdi")
+	p, entries := startWithJournal(t, nil, nil, "stream", "--source-format", "nbdhybrid", "--source", nbdSource(raw, s, st.Size()), "--destination", "null:")
+	if code := p.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit %d: %s", code, p.stderr.String())
+	}
+	var started journalEntry
+	for deadline := time.Now().Add(2 * time.Second); started == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		started = findEntry(entries(), "export started")
+	}
+	if started == nil || started["ALLOCATION"] != "nbd" || started["NBD_SERVER"] != s.Socket || started["NBD_EXPORT"] != "vdi" {
+		t.Fatalf("export started entry: %v; want ALLOCATION=nbd NBD_SERVER=%s NBD_EXPORT=vdi", started, s.Socket)
 	}
 }

@@ -41,6 +41,9 @@ type discovered struct {
 	// size.
 	extents hints.Extents
 	size    int64
+	// nbd, for an NBD device whose server is not a tapdisk: the server
+	// to ask for the allocation (the nbdhybrid source).
+	nbd *NBDRequest
 }
 
 // chain reports whether the image is a VHD or qcow2 chain, read by the
@@ -74,9 +77,10 @@ func discoverDisk(env *Env, what, path string, kind rawdisk.Kind, size int64) *d
 // its SEEK_DATA extents; size is the device's (-1: unknown, not checked).
 func useDiscovered(res *discover.Result, size int64) (*discovered, error) {
 	if x, ok := res.NBDServer(); ok {
-		// The server is no tapdisk: its allocation is only known to the
-		// server (NBD block status), which this export does not ask yet.
-		return nil, fmt.Errorf("%s is served over NBD by %s (export %q), not by a tapdisk: its allocation is not read from the server", res.Resolved, x.SocketReal, x.ExportName)
+		// The server is no tapdisk: the allocation is the server's block
+		// status, as vhd-tool's nbdhybrid source asks it. Its size is
+		// checked against the device and the export when it is asked.
+		return &discovered{res: res, nbd: &NBDRequest{Server: x.Socket, Export: x.ExportName, Size: size}}, nil
 	}
 	t := res.Tapdisk
 	d := &discovered{res: res, driver: t.Driver, image: t.Image}
@@ -152,6 +156,15 @@ func (x *openedExport) discoverExport(env *Env, req *ExportRequest, disk rawdisk
 		if x.loadDiscoveredHybrid(env, h) && h.BaseImage != "" {
 			x.BaseDevice = req.Base
 			return nil
+		}
+	case src != nil && src.nbd != nil:
+		// A server that cannot be used is one warning line: the export
+		// reads the device as without discovery.
+		if err := x.loadNBDSource(env, src.nbd); err != nil {
+			if env.Ctx != nil && env.Ctx.Err() != nil {
+				return err
+			}
+			warnDiscovery(env, "source", x.Source.Path(), err)
 		}
 	case src != nil: // aio
 		x.SourceImage, x.SourceExtents, x.Allocation = src.image, src.extents, AllocSeekData

@@ -1,6 +1,7 @@
 package vhdcompat
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -123,6 +124,16 @@ func (in *DeviceInfo) readAllocation(res *discover.Result, size int64, search []
 	d, err := useDiscovered(res, size)
 	if err != nil {
 		return err
+	}
+	if d.nbd != nil {
+		// What an export would ask: the server's block status.
+		ext, exportSize, err := nbdDataExtents(context.Background(), d.nbd, infoClusterBits)
+		if err != nil {
+			return fmt.Errorf("%s: %w", d.nbd, err)
+		}
+		in.VirtualSize = exportSize
+		in.setAllocation(AllocNBD, ext)
+		return nil
 	}
 	if d.driver == discover.Aio {
 		in.VirtualSize = d.size

@@ -23,11 +23,6 @@ type NBDRequest struct {
 	// Size is the disk's size as the command line gives it: the export's
 	// and the device's must both be this.
 	Size int64
-	// Fallback makes the server a hint the export can do without (the
-	// drop-in, which found it on its own): a server that cannot be reached
-	// or answers badly is logged as a warning and the device is read as
-	// if there were no server. Without it such a server fails the export.
-	Fallback bool
 }
 
 // String names the server and export for messages and the journal.
@@ -92,26 +87,14 @@ func splitNBDHybrid(s string) (string, *NBDRequest, error) {
 // the destination is opened.
 func (x *openedExport) loadNBD(env *Env, src, base *NBDRequest) error {
 	if src != nil {
-		ext, err := x.nbdAllocation(env, "source", src, x.Source)
-		switch {
-		case err != nil && src.Fallback && env.Ctx.Err() == nil:
-			logger(env).Warn("allocation from the NBD server unusable: reading the device instead", "source", x.Source.Path(),
-				"nbd_server", src.Server, "nbd_export", src.Export, "error", err.Error())
-		case err != nil:
+		if err := x.loadNBDSource(env, src); err != nil {
 			return err
-		default:
-			x.SourceExtents, x.ExactExtents = ext, true
-			x.Allocation = AllocNBD
-			x.AllocationAttrs = []any{"nbd_server", src.Server, "nbd_export", src.Export}
 		}
 	}
 	if x.Base == nil {
 		return nil
 	}
 	if base == nil {
-		if src == nil || src.Fallback {
-			return nil
-		}
 		return refuseImageBase(x.Base)
 	}
 	ext, err := x.nbdAllocation(env, "base", base, x.Base)
@@ -119,6 +102,19 @@ func (x *openedExport) loadNBD(env *Env, src, base *NBDRequest) error {
 		return err
 	}
 	x.BaseExtents = ext
+	return nil
+}
+
+// loadNBDSource makes the source's allocation the block status of its
+// server, named in the journal.
+func (x *openedExport) loadNBDSource(env *Env, src *NBDRequest) error {
+	ext, err := x.nbdAllocation(env, "source", src, x.Source)
+	if err != nil {
+		return err
+	}
+	x.SourceExtents, x.ExactExtents = ext, true
+	x.Allocation = AllocNBD
+	x.AllocationAttrs = []any{"nbd_server", src.Server, "nbd_export", src.Export}
 	return nil
 }
 
@@ -133,35 +129,44 @@ func refuseImageBase(d *rawdisk.Disk) error {
 	return nil
 }
 
-// nbdAllocation asks the server which parts of the disk hold data: the
-// extents that are neither holes nor zeros (vhd-tool copies exactly
-// those), widened to whole clusters and merged, at most hints.MaxExtents.
-// The command line's SIZE must be the device's and the export's.
+// nbdAllocation asks the server which parts of the disk hold data; the
+// command line's SIZE must be the device's and the export's.
 func (x *openedExport) nbdAllocation(env *Env, what string, req *NBDRequest, disk *rawdisk.Disk) (hints.Extents, error) {
 	if req.Size != disk.Size() {
 		return nil, fmt.Errorf("%s size %d is not the size of the %s device %s (%d bytes)", what, req.Size, what, disk.Path(), disk.Size())
 	}
-	fail := func(err error) (hints.Extents, error) {
-		if env.Ctx.Err() != nil {
+	ext, _, err := nbdDataExtents(envCtx(env), req, x.ClusterBits)
+	if err != nil {
+		if env.Ctx != nil && env.Ctx.Err() != nil {
 			return nil, fmt.Errorf("%s allocation from %s: interrupted: %w", what, req, context.Cause(env.Ctx))
 		}
 		return nil, fmt.Errorf("%s allocation from %s: %w", what, req, err)
 	}
-	c, err := nbd.Connect(env.Ctx, "unix", req.Server, req.Export, nbd.Options{})
+	return ext, nil
+}
+
+// nbdDataExtents walks the export's base:allocation block status and
+// returns the extents that are neither holes nor zeros (vhd-tool copies
+// exactly those), widened to whole clusters and merged, at most
+// hints.MaxExtents, with the export's size. req.Size, unless -1, must be
+// the export's size.
+func nbdDataExtents(ctx context.Context, req *NBDRequest, clusterBits uint32) (hints.Extents, int64, error) {
+	c, err := nbd.Connect(ctx, "unix", req.Server, req.Export, nbd.Options{})
 	if err != nil {
-		return fail(err)
+		return nil, 0, err
 	}
 	defer c.Close()
-	if c.Size() != req.Size {
-		return fail(fmt.Errorf("the export has %d bytes, not the %d the %s has: is it the server of that disk?", c.Size(), req.Size, disk.Path()))
+	size := c.Size()
+	if req.Size >= 0 && size != req.Size {
+		return nil, 0, fmt.Errorf("the export has %d bytes, not the %d the disk has: is it the server of that disk?", size, req.Size)
 	}
-	cs := int64(1) << x.ClusterBits
+	cs := int64(1) << clusterBits
 	out := hints.Extents{}
-	err = c.Extents(env.Ctx, func(e nbd.Extent) error {
+	err = c.Extents(ctx, func(e nbd.Extent) error {
 		if !e.Data() {
 			return nil
 		}
-		start, end := e.Offset/cs*cs, min((e.Offset+e.Length+cs-1)/cs*cs, req.Size)
+		start, end := e.Offset/cs*cs, min((e.Offset+e.Length+cs-1)/cs*cs, size)
 		if n := len(out); n > 0 && start <= out[n-1].End {
 			out[n-1].End = max(out[n-1].End, end)
 			return nil
@@ -173,9 +178,9 @@ func (x *openedExport) nbdAllocation(env *Env, what string, req *NBDRequest, dis
 		return nil
 	})
 	if err != nil {
-		return fail(err)
+		return nil, 0, err
 	}
-	return out, nil
+	return out, size, nil
 }
 
 // logger is the command's log, or one that discards.
