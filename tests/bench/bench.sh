@@ -266,6 +266,23 @@ elif ! have losetup; then
 	loop_ok="losetup is not installed"
 fi
 
+# thin_disk FILE SIZE RUNS RUN_MIB: a sparse FILE of SIZE bytes holding RUNS
+# runs of RUN_MIB MiB of $RAND spread over it at 2 MiB-aligned offsets (a
+# VHD's 2 MiB blocks then allocate exactly the data); the runs' offsets, in
+# MiB, go to THIN_OFFS.
+thin_disk() {
+	local file=$1 size=$2 runs=$3 run_mib=$4 slot off i
+	THIN_OFFS=()
+	truncate -s "$size" "$file"
+	slot=$((size / runs / (2 << 20)))
+	for ((i = 0; i < runs; i++)); do
+		off=$(((i * slot + (i % 3)) * 2))
+		THIN_OFFS+=("$off")
+		dd if="$RAND" of="$file" bs=1M count="$run_mib" skip=$(((i * run_mib) % (MIB1G - run_mib))) \
+			seek="$off" conv=notrunc status=none
+	done
+}
+
 # device_reads NAME DEV CMD ALLOCATED: one run of CMD after emptying DEV's
 # cache, and the bytes DEV's counter says it read against the allocated
 # bytes: 1.00 is each allocated byte read once (the O_DIRECT open's two

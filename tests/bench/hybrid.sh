@@ -10,7 +10,7 @@
 # images ($RAND, $DIR, bench, record, skip, LOOPS).
 
 hybrid_cases() {
-	local thin runs run_mib dev raw=$DIR/thin.raw img off i offs=()
+	local thin runs run_mib dev raw=$DIR/thin.raw img offs=()
 	# Few long runs: the limit starts one dd per run, and on a loaded
 	# machine 64 starts of dd cost more than the reads.
 	if [[ $QUICK == 1 ]]; then
@@ -38,16 +38,8 @@ hybrid_cases() {
 		return 0
 	fi
 	say "hybrid source"
-	truncate -s "$thin" "$raw"
-	# Runs spread over the disk at 2 MiB-aligned offsets, so that the VHD
-	# (2 MiB blocks) allocates exactly the data.
-	local slot=$((thin / runs / (2 << 20)))
-	for ((i = 0; i < runs; i++)); do
-		off=$(((i * slot + (i % 3)) * 2)) # in MiB
-		offs+=("$off")
-		dd if="$RAND" of="$raw" bs=1M count="$run_mib" skip=$(((i * run_mib) % (MIB1G - run_mib))) \
-			seek="$off" conv=notrunc status=none
-	done
+	thin_disk "$raw" "$thin" "$runs" "$run_mib"
+	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $raw $DIR/thin.vhd"
 	run "qemu-img convert -f raw -O qcow2 $raw $DIR/thin.qcow2"
 	if ! dev=$(losetup --show -f "$raw" 2>"$DIR/stderr"); then

@@ -11,7 +11,7 @@
 # $DIR, bench, bench_first_byte, device_reads, record, skip, LOOPS).
 
 nbd_cases() {
-	local thin runs run_mib dev raw=$DIR/nbd-thin.raw img=$DIR/nbd-thin.qcow2 sock=$DIR/nbd.sock off i offs=()
+	local thin runs run_mib dev raw=$DIR/nbd-thin.raw img=$DIR/nbd-thin.qcow2 sock=$DIR/nbd.sock offs=() i
 	if [[ $QUICK == 1 ]]; then
 		thin=$((1 << 30)) runs=4 run_mib=4
 	else
@@ -36,14 +36,8 @@ nbd_cases() {
 		return 0
 	fi
 	say "nbdhybrid source"
-	truncate -s "$thin" "$raw"
-	local slot=$((thin / runs / (2 << 20)))
-	for ((i = 0; i < runs; i++)); do
-		off=$(((i * slot + (i % 3)) * 2)) # in MiB
-		offs+=("$off")
-		dd if="$RAND" of="$raw" bs=1M count="$run_mib" skip=$(((i * run_mib) % (MIB1G - run_mib))) \
-			seek="$off" conv=notrunc status=none
-	done
+	thin_disk "$raw" "$thin" "$runs" "$run_mib"
+	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O qcow2 $raw $img"
 	if ! dev=$(losetup --show -f "$raw" 2>"$DIR/stderr"); then
 		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done

@@ -292,35 +292,44 @@ func (c *Client) setMetaContext(export string) error {
 		return err
 	}
 	found := false
-	for i := 0; ; i++ {
-		if i == maxOptionReplies {
-			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("more than %d replies to one query", maxOptionReplies)}
+	err := c.eachOptionReply(optSetMetaContext, name, func(typ uint32, p []byte) error {
+		if typ != repMetaContext {
+			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("unexpected reply type %d", typ)}
 		}
-		typ, p, err := c.optionReply(optSetMetaContext, name)
+		if len(p) < 4 {
+			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("a context reply of %d bytes", len(p))}
+		}
+		if string(p[4:]) != MetaContext {
+			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("selected context %s, which was not asked for", printable(p[4:]))}
+		}
+		if found {
+			return &ProtocolError{Stage: name, Msg: MetaContext + " selected twice"}
+		}
+		c.contextID, found = binary.BigEndian.Uint32(p), true
+		return nil
+	})
+	if err == nil && !found {
+		err = fmt.Errorf("%s: the server does not report %s for export %s: it cannot tell which parts hold data", name, MetaContext, printable([]byte(export)))
+	}
+	return err
+}
+
+// eachOptionReply reads the replies to opt up to its ack, at most
+// maxOptionReplies, and hands every other one to fn.
+func (c *Client) eachOptionReply(opt uint32, name string, fn func(typ uint32, p []byte) error) error {
+	for range maxOptionReplies {
+		typ, p, err := c.optionReply(opt, name)
 		if err != nil {
 			return err
 		}
-		switch typ {
-		case repMetaContext:
-			if len(p) < 4 {
-				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("a context reply of %d bytes", len(p))}
-			}
-			if string(p[4:]) != MetaContext {
-				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("selected context %s, which was not asked for", printable(p[4:]))}
-			}
-			if found {
-				return &ProtocolError{Stage: name, Msg: MetaContext + " selected twice"}
-			}
-			c.contextID, found = binary.BigEndian.Uint32(p), true
-		case repAck:
-			if !found {
-				return fmt.Errorf("%s: the server does not report %s for export %s: it cannot tell which parts hold data", name, MetaContext, printable([]byte(export)))
-			}
+		if typ == repAck {
 			return nil
-		default:
-			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("unexpected reply type %d", typ)}
+		}
+		if err := fn(typ, p); err != nil {
+			return err
 		}
 	}
+	return &ProtocolError{Stage: name, Msg: fmt.Sprintf("more than %d replies", maxOptionReplies)}
 }
 
 // goExport enters transmission with NBD_OPT_GO, asking for the block size
@@ -335,50 +344,41 @@ func (c *Client) goExport(export string) error {
 	}
 	haveSize := false
 	c.minBlock = 1
-	for i := 0; ; i++ {
-		if i == maxOptionReplies {
-			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("more than %d replies", maxOptionReplies)}
-		}
-		typ, p, err := c.optionReply(optGo, name)
-		if err != nil {
-			return err
-		}
-		switch typ {
-		case repInfo:
-			if len(p) < 2 {
-				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("an info reply of %d bytes", len(p))}
-			}
-			switch binary.BigEndian.Uint16(p) {
-			case infoExport:
-				if len(p) != 12 {
-					return &ProtocolError{Stage: name, Msg: fmt.Sprintf("export info of %d bytes, not 12", len(p))}
-				}
-				size := binary.BigEndian.Uint64(p[2:])
-				if size > math.MaxInt64 {
-					return &ProtocolError{Stage: name, Msg: fmt.Sprintf("export size %d", size)}
-				}
-				c.size, c.flags, haveSize = int64(size), binary.BigEndian.Uint16(p[10:]), true
-			case infoBlockSize:
-				if len(p) != 14 {
-					return &ProtocolError{Stage: name, Msg: fmt.Sprintf("block size info of %d bytes, not 14", len(p))}
-				}
-				minimum := binary.BigEndian.Uint32(p[2:])
-				if minimum == 0 || minimum&(minimum-1) != 0 || minimum > maxMinBlock {
-					return &ProtocolError{Stage: name, Msg: fmt.Sprintf("minimum block size %d (a power of two up to %d)", minimum, maxMinBlock)}
-				}
-				c.minBlock = int64(minimum)
-			}
-			// Other information (name, description, what a newer
-			// protocol adds) is not needed: the protocol says to ignore it.
-		case repAck:
-			if !haveSize {
-				return &ProtocolError{Stage: name, Msg: "no export information before the ack"}
-			}
-			return nil
-		default:
+	err := c.eachOptionReply(optGo, name, func(typ uint32, p []byte) error {
+		if typ != repInfo {
 			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("unexpected reply type %d", typ)}
 		}
+		if len(p) < 2 {
+			return &ProtocolError{Stage: name, Msg: fmt.Sprintf("an info reply of %d bytes", len(p))}
+		}
+		switch binary.BigEndian.Uint16(p) {
+		case infoExport:
+			if len(p) != 12 {
+				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("export info of %d bytes, not 12", len(p))}
+			}
+			size := binary.BigEndian.Uint64(p[2:])
+			if size > math.MaxInt64 {
+				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("export size %d", size)}
+			}
+			c.size, c.flags, haveSize = int64(size), binary.BigEndian.Uint16(p[10:]), true
+		case infoBlockSize:
+			if len(p) != 14 {
+				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("block size info of %d bytes, not 14", len(p))}
+			}
+			minimum := binary.BigEndian.Uint32(p[2:])
+			if minimum == 0 || minimum&(minimum-1) != 0 || minimum > maxMinBlock {
+				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("minimum block size %d (a power of two up to %d)", minimum, maxMinBlock)}
+			}
+			c.minBlock = int64(minimum)
+		}
+		// Other information (name, description, what a newer protocol
+		// adds) is not needed: the protocol says to ignore it.
+		return nil
+	})
+	if err == nil && !haveSize {
+		err = &ProtocolError{Stage: name, Msg: "no export information before the ack"}
 	}
+	return err
 }
 
 // Close leaves transmission with NBD_CMD_DISC (a soft disconnect) unless
