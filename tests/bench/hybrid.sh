@@ -4,13 +4,14 @@
 # the same data runs (1 GiB of 64 GiB; quick: 16 MiB of 1 GiB). The export
 # takes its allocation from the image, trusts it and reads only those runs
 # from the device, once; the limit is dd reading the same runs from the
-# same device. The device's page cache is emptied (blockdev --flushbufs)
-# before every run. The device's read counter (/sys/block/loopN/stat,
-# field 3) shows the bytes one export reads. Uses bench.sh's helpers and
+# same device. The device is a loop device over a file on a disk
+# (bench.sh: thin_loop), its caches emptied before every run (dev_prep).
+# The device's read counter (/sys/block/loopN/stat, field 3) shows the
+# bytes one export reads. Uses bench.sh's helpers and
 # images ($RAND, $DIR, bench, record, skip, LOOPS).
 
 hybrid_cases() {
-	local thin runs run_mib dev raw=$DIR/thin.raw img offs=()
+	local thin runs run_mib dev raw=$DEVDIR/thin.raw img offs=()
 	# Few long runs: the limit starts one dd per run, and on a loaded
 	# machine 64 starts of dd cost more than the reads.
 	if [[ $QUICK == 1 ]]; then
@@ -42,13 +43,14 @@ hybrid_cases() {
 	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $raw $DIR/thin.vhd"
 	run "qemu-img convert -f raw -O qcow2 $raw $DIR/thin.qcow2"
-	if ! dev=$(losetup --show -f "$raw" 2>"$DIR/stderr"); then
+	if ! dev=$(thin_loop "$raw" 2>"$DIR/stderr"); then
 		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done
 		rm -f "$raw" "$DIR"/thin.*
 		return 0
 	fi
 	LOOPS+=("$dev")
-	local prep="blockdev --flushbufs $dev"
+	local prep
+	prep=$(dev_prep "$dev")
 	# Block devices are read with O_DIRECT by default (issue 11), as xapi's
 	# --direct asks anyway: the limit reads the runs with dd iflag=direct.
 	# The export has no allocation pass: the tables, then each allocated

@@ -5,13 +5,14 @@
 # names it. The export asks the server for base:allocation block status
 # (1 GiB windows) and reads only the data runs from the device, once; the
 # limit is dd reading the same runs from the same device with O_DIRECT.
-# The device's page cache is emptied before every run. Compared too: a
+# The device is a loop device over a file on a disk (bench.sh: thin_loop),
+# its caches emptied before every run (dev_prep). Compared too: a
 # full scan of the device, and nbdinfo --map (libnbd) turned into a
 # qemu-img map hint for a hinted export. Uses bench.sh's helpers ($RAND,
 # $DIR, bench, bench_first_byte, device_reads, record, skip, LOOPS).
 
 nbd_cases() {
-	local thin runs run_mib dev raw=$DIR/nbd-thin.raw img=$DIR/nbd-thin.qcow2 sock=$DIR/nbd.sock offs=() i
+	local thin runs run_mib dev raw=$DEVDIR/nbd-thin.raw img=$DIR/nbd-thin.qcow2 sock=$DIR/nbd.sock offs=() i
 	if [[ $QUICK == 1 ]]; then
 		thin=$((1 << 30)) runs=4 run_mib=4
 	else
@@ -39,7 +40,7 @@ nbd_cases() {
 	thin_disk "$raw" "$thin" "$runs" "$run_mib"
 	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O qcow2 $raw $img"
-	if ! dev=$(losetup --show -f "$raw" 2>"$DIR/stderr"); then
+	if ! dev=$(thin_loop "$raw" 2>"$DIR/stderr"); then
 		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done
 		rm -f "$raw" "$img"
 		return 0
@@ -49,7 +50,8 @@ nbd_cases() {
 	local server=$!
 	trap 'kill '"$server"' 2>/dev/null; cleanup' EXIT
 	for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && break; sleep 0.05; done
-	local prep="blockdev --flushbufs $dev"
+	local prep
+	prep=$(dev_prep "$dev")
 	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
 	local src="$dev:$sock:vdi:$thin" mem
 	mem=$(mem_limit "$thin")
