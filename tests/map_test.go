@@ -293,3 +293,16 @@ func TestMapVHDHuman(t *testing.T) {
 		}
 	}
 }
+
+// TestMapEmptyImage: a disk of 0 bytes maps as qemu-img maps it: one empty
+// entry in JSON, the heading alone in the human layout.
+func TestMapEmptyImage(t *testing.T) {
+	qemutest.Need(t)
+	img := qemutest.Create(t, filepath.Join(t.TempDir(), "empty.qcow2"), "", "0")
+	for _, layout := range []string{"json", "human"} {
+		want := qemutest.Img(t, "map", "--output="+layout, img)
+		if got := mustRun(t, nil, "map", "--output="+layout, img); !bytes.Equal(got, want) {
+			t.Errorf("%s:\nours:\n%s\nqemu-img:\n%s", layout, got, want)
+		}
+	}
+}
