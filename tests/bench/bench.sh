@@ -16,14 +16,14 @@
 # Environment: BIN (binary, default bin/xapi-qcow-tool), BENCH_RUNS (runs
 # per case, default 5; quick: 1), BENCH_DIR (where images go), BENCH_DOC
 # (document whose table to rewrite; empty: none), BENCH_STRICT=1 (exit 1
-# when a case misses its target), BENCH_ONLY=hybrid, discovery or nbd
+# when a case misses its target), BENCH_ONLY=hybrid, discovery, nbd or map
 # (only that part's cases; the table is then printed, not written).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QUICK=${BENCH_QUICK:-0}
 ONLY=${BENCH_ONLY:-}
-[[ -z $ONLY || $ONLY == hybrid || $ONLY == discovery || $ONLY == nbd ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid, discovery and nbd are parts of their own" >&2; exit 2; }
+[[ -z $ONLY || $ONLY == hybrid || $ONLY == discovery || $ONLY == nbd || $ONLY == map ]] || { echo "bench: BENCH_ONLY=$ONLY: only hybrid, discovery, nbd and map are parts of their own" >&2; exit 2; }
 BIN=${BIN:-$ROOT/bin/xapi-qcow-tool}
 if [[ $QUICK == 1 ]]; then
 	RUNS=${BENCH_RUNS:-1}
