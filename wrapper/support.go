@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/alecthomas/kong"
@@ -327,11 +328,16 @@ func (p *mapPrinter) end() {
 }
 
 // appendMapJSON appends e in qemu-img map --output=json's layout.
+// (strconv, not fmt: a map may have millions of entries).
 func appendMapJSON(b []byte, e inspect.MapEntry) []byte {
-	b = fmt.Appendf(b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
-		e.Start, e.Length, e.Depth, e.Present, e.Zero, e.Data)
+	b = strconv.AppendUint(append(b, `{ "start": `...), e.Start, 10)
+	b = strconv.AppendUint(append(b, `, "length": `...), e.Length, 10)
+	b = strconv.AppendInt(append(b, `, "depth": `...), int64(e.Depth), 10)
+	b = strconv.AppendBool(append(b, `, "present": `...), e.Present)
+	b = strconv.AppendBool(append(b, `, "zero": `...), e.Zero)
+	b = strconv.AppendBool(append(b, `, "data": `...), e.Data)
 	if e.Offset != nil {
-		b = fmt.Appendf(b, `, "offset": %d`, *e.Offset)
+		b = strconv.AppendUint(append(b, `, "offset": `...), *e.Offset, 10)
 	}
 	return append(b, '}')
 }
@@ -339,10 +345,16 @@ func appendMapJSON(b []byte, e inspect.MapEntry) []byte {
 // appendHex16 appends n as C's printf("%#-16x") does: 0x before
 // non-zero values only, left-aligned in 16 columns.
 func appendHex16(b []byte, n uint64) []byte {
+	start := len(b)
 	if n == 0 {
-		return fmt.Appendf(b, "%-16s", "0")
+		b = append(b, '0')
+	} else {
+		b = strconv.AppendUint(append(b, "0x"...), n, 16)
 	}
-	return fmt.Appendf(b, "%-#16x", n)
+	for len(b)-start < 16 {
+		b = append(b, ' ')
+	}
+	return b
 }
 
 // CheckCmd validates the structure of an image.
