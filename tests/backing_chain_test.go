@@ -129,6 +129,16 @@ func TestInfoBackingChainMissingParent(t *testing.T) {
 	if len(ours) != 2 || ours[1].Filename != base || ours[0].FullBackingFilename != base || ours[1].Format != "qcow2" {
 		t.Fatalf("the parent in --path: %+v", ours)
 	}
+	// A chain that comes back on itself is named as a loop.
+	a, bb := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
+	qemutest.Create(t, bb, "", "4M")
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a)
+	qemutest.Img(t, "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "a.qcow2", bb)
+	r := runTool(t, nil, "info", "--backing-chain", a)
+	checkOneLineError(t, r, "chain has a loop")
+	if r.Code != 1 {
+		t.Errorf("a loop: exit %d", r.Code)
+	}
 	// Without --backing-chain, --path means nothing: said so.
 	checkOneLineError(t, runTool(t, nil, "info", "--path", lib, top), "--backing-chain")
 	// A stream names no files; --direct does not apply.
