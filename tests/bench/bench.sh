@@ -59,10 +59,19 @@ DIR=$(mktemp -d "$parent/xqt-bench.XXXXXX")
 # host, and the limit's dd pays it as the export does. From a memory-backed
 # loop device a read is a memory copy, and an export pays two (into the
 # pipe, and its reader's out of it) where dd to /dev/null pays one.
-DEVDIR=$(mktemp -d "${BENCH_DEVDIR:-/var/tmp}/xqt-bench-dev.XXXXXX")
+# BENCH_DEVDIR chooses the disk; with only BENCH_DIR given, it is used.
+DEVDIR=$(mktemp -d "${BENCH_DEVDIR:-${BENCH_DIR:-/var/tmp}}/xqt-bench-dev.XXXXXX")
 LOOPS=()
+# cleanup detaches the loop devices still over our files, and only those: a
+# device a case detached itself may since serve another program.
 cleanup() {
-	for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+	local l back
+	for l in "${LOOPS[@]}"; do
+		back=$(losetup -n -O BACK-FILE "$l" 2>/dev/null) || continue
+		case $back in
+		"$DIR"/* | "$DEVDIR"/*) losetup -d "$l" 2>/dev/null || true ;;
+		esac
+	done
 	rm -rf "$DIR" "$DEVDIR"
 }
 trap cleanup EXIT
