@@ -63,6 +63,11 @@ func discoverDisk(env *Env, what, path string, kind rawdisk.Kind, size int64) *d
 		var d *discovered
 		d, err = useDiscovered(res, size)
 		if err == nil {
+			if env != nil && env.Log != nil {
+				t := res.Tapdisk
+				env.Log.Info(fmt.Sprintf("discovery: the %s %s is served by tapdisk %d (minor %d, through %s): %s:%s", what, path, t.PID, t.Minor, res.Via(), t.Driver, t.Image),
+					"disk", path, "tapdisk_pid", t.PID, "tapdisk_minor", t.Minor, "driver", string(t.Driver), "image", t.Image)
+			}
 			return d
 		}
 	}
