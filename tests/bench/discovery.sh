@@ -21,8 +21,13 @@
 # of that device is not run: it would read 2040 GiB (the 64 GiB scan's
 # rate gives the time it would take).
 #
-# Uses from bench.sh: BIN DIR QUICK RAND MIB1G loop_ok LOOPS and its
-# functions (bench bench_first_byte record skip run say have mem_limit).
+# The thin disks are files on a disk ($DEVDIR) behind direct-io loop
+# devices (thin_disk, thin_loop), their caches emptied before every run
+# (dev_prep); the device's read counter gives the bytes one export reads
+# (device_reads). Uses from bench.sh: BIN DIR DEVDIR QUICK RAND MIB1G
+# loop_ok LOOPS THIN_OFFS and its functions (bench bench_first_byte
+# device_reads thin_disk thin_loop dev_prep record skip run say have
+# mem_limit).
 
 DISC_NS_SCRIPT='set -e
 mount --bind "$DISC/devices" /proc/devices
@@ -71,21 +76,6 @@ disc_vdi() {
 	echo "/dev/sm/backend/sr/$2"
 }
 
-# disc_runs RAW SIZE RUNS RUN_MIB: writes RUNS runs of RUN_MIB MiB of
-# random data spread over a sparse RAW of SIZE bytes, 2 MiB aligned (the
-# VHD allocates exactly them); prints their offsets in MiB.
-disc_runs() {
-	local raw=$1 size=$2 runs=$3 run_mib=$4 slot i off
-	truncate -s "$size" "$raw"
-	slot=$((size / runs / (2 << 20)))
-	for ((i = 0; i < runs; i++)); do
-		off=$(((i * slot + (i % 3)) * 2))
-		dd if="$RAND" of="$raw" bs=1M count="$run_mib" skip=$(((i * run_mib) % (MIB1G - run_mib))) \
-			seek="$off" conv=notrunc status=none
-		echo "$off"
-	done
-}
-
 # disc_dd DEV RUN_MIB OFFSETS...: the limit, dd of those runs, O_DIRECT.
 disc_dd() {
 	local dev=$1 run_mib=$2
@@ -107,7 +97,9 @@ discovery_cases() {
 	local name="$((thin >> 30)) GiB thin, $((runs * run_mib)) MiB allocated"
 	local bname="2040 GiB thin VHD, $((big_runs * big_mib)) MiB allocated"
 	local rows=("discovery VHD $name: first byte|1.2" "discovery VHD $name: total|1.2"
+		"discovery VHD: device bytes read / allocated|1.0"
 		"discovery qcow2 chain $name: first byte|1.2" "discovery qcow2 chain $name: total|1.2"
+		"discovery qcow2 chain: device bytes read / allocated|1.0"
 		"discovery qcow2 chain --diff (top $((runs / 2 * run_mib)) MiB): total|1.2"
 		"discovery VHD vs today's full scan of the device|1.0"
 		"discovery $bname: first byte (s)|1.0" "discovery $bname: total|1.2")
@@ -127,8 +119,9 @@ discovery_cases() {
 	fi
 	say "discovery (xapi's argv, no hint, image found behind the device)"
 	disc_host
-	local raw=$DIR/disc.raw half=$DIR/disc-half.raw offs=() o i
-	mapfile -t offs < <(disc_runs "$raw" "$thin" "$runs" "$run_mib")
+	local raw=$DEVDIR/disc.raw half=$DEVDIR/disc-half.raw offs=() i
+	thin_disk "$raw" "$thin" "$runs" "$run_mib"
+	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $raw $DIR/disc.vhd"
 	# The chain: the base holds the first half of the runs, the top what
 	# differs from it (the second half).
@@ -147,14 +140,15 @@ discovery_cases() {
 	rm -f "$DIR/disc-run"
 	run "qemu-img compare -q -f qcow2 -F raw $DIR/disc-top.qcow2 $raw"
 	local dv dq db
-	dv=$(losetup --show -f "$raw") && LOOPS+=("$dv")
-	dq=$(losetup --show -f "$raw") && LOOPS+=("$dq")
-	db=$(losetup --show -f "$half") && LOOPS+=("$db")
+	dv=$(thin_loop "$raw") && LOOPS+=("$dv")
+	dq=$(thin_loop "$raw") && LOOPS+=("$dq")
+	db=$(thin_loop "$half") && LOOPS+=("$db")
 	local vdi_v vdi_q vdi_b
 	vdi_v=$(disc_vdi "$dv" vhd-vdi "vhd:$DIR/disc.vhd")
 	vdi_q=$(disc_vdi "$dq" qcow2-vdi "qcow2:$DIR/disc-top.qcow2")
 	vdi_b=$(disc_vdi "$db" qcow2-base "qcow2:$DIR/disc-base.qcow2")
-	local prep="blockdev --flushbufs $dv && blockdev --flushbufs $dq && blockdev --flushbufs $db"
+	local prep
+	prep=$(dev_prep "$dv" "$dq" "$db")
 	local mem
 	mem=$(mem_limit "$thin")
 	local vdi dev label
@@ -164,6 +158,7 @@ discovery_cases() {
 		limit="disc_ns '$(disc_dd "$vdi" "$run_mib" "${offs[@]}")'"
 		bench_first_byte "discovery $label $name: first byte" 1.2 "disc_ns '$Q2S $vdi'" "$limit" "$prep"
 		bench "discovery $label $name: total" 1.2 "disc_ns '$Q2S $vdi | cat >/dev/null'" "$limit" "$prep" "$mem"
+		device_reads "discovery $label: device bytes read / allocated" "$dev" "disc_ns '$Q2S $vdi'" "$((runs * run_mib << 20))"
 		run "disc_ns '$Q2S $vdi' >$DIR/disc.out.qcow2"
 		disc_check "$DIR/disc.out.qcow2" "$raw"
 	done
@@ -185,17 +180,20 @@ discovery_cases() {
 
 	# The size of the disk stops mattering.
 	: >"$DISC/tapdisks" && : >"$DISC/dev.sh"
-	local bigraw=$DIR/disc-big.raw boffs=()
-	mapfile -t boffs < <(disc_runs "$bigraw" "$big" "$big_runs" "$big_mib")
+	local bigraw=$DEVDIR/disc-big.raw boffs=()
+	thin_disk "$bigraw" "$big" "$big_runs" "$big_mib"
+	boffs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $bigraw $DIR/disc-big.vhd"
 	local dbig vdi_big
-	dbig=$(losetup --show -f "$bigraw") && LOOPS+=("$dbig")
+	dbig=$(thin_loop "$bigraw") && LOOPS+=("$dbig")
 	vdi_big=$(disc_vdi "$dbig" big-vdi "vhd:$DIR/disc-big.vhd")
 	local blimit
 	blimit="disc_ns '$(disc_dd "$vdi_big" "$big_mib" "${boffs[@]}")'"
 	# First byte against 1 s: the "limit" is sleep 1 in the namespace.
-	bench_first_byte "discovery $bname: first byte (s)" 1.0 "disc_ns '$Q2S $vdi_big'" "disc_ns 'sleep 1'" "blockdev --flushbufs $dbig"
-	bench "discovery $bname: total" 1.2 "disc_ns '$Q2S $vdi_big | cat >/dev/null'" "$blimit" "blockdev --flushbufs $dbig" "$(mem_limit "$big")"
+	local bprep
+	bprep=$(dev_prep "$dbig")
+	bench_first_byte "discovery $bname: first byte (s)" 1.0 "disc_ns '$Q2S $vdi_big'" "disc_ns 'sleep 1'" "$bprep"
+	bench "discovery $bname: total" 1.2 "disc_ns '$Q2S $vdi_big | cat >/dev/null'" "$blimit" "$bprep" "$(mem_limit "$big")"
 	run "disc_ns '$Q2S $vdi_big' >$DIR/disc.big.qcow2"
 	disc_check "$DIR/disc.big.qcow2" "$bigraw"
 	losetup -d "$dbig"
