@@ -245,6 +245,8 @@ func nbdExport(h *xapiHost, raw, leaf string) {
 	if _, err := exec.LookPath("nbd-client"); err != nil {
 		t.Skip("SKIP: nbd-client not installed: the export through a real /dev/nbdN is not run")
 	}
+	h.node("/dev/nbd0", "/dev/nbd0")
+	h.tapdisk(5151, 9, "0", "vhd:"+leaf)
 	for i, c := range []struct {
 		sock, alloc, warn string
 	}{
@@ -262,8 +264,6 @@ func nbdExport(h *xapiHost, raw, leaf string) {
 		}
 		defer exec.Command("nbd-client", "-d", "/dev/nbd0").Run()
 		h.nbdRecord(0, c.sock, "vdi")
-		h.tapdisk(5151, 9, "0", "vhd:"+leaf)
-		h.node("/dev/nbd0", "/dev/nbd0")
 		out := filepath.Join(h.dir, fmt.Sprintf("nbd%d.qcow2", i))
 		started, warnings := h.export(out, "qcow2-to-stdout.py", "/dev/nbd0")
 		qemutest.Compare(t, out, raw)
