@@ -63,11 +63,7 @@ func discoverDisk(env *Env, what, path string, kind rawdisk.Kind, size int64) *d
 		var d *discovered
 		d, err = useDiscovered(res, size)
 		if err == nil {
-			if env != nil && env.Log != nil {
-				t := res.Tapdisk
-				env.Log.Info(fmt.Sprintf("discovery: the %s %s is served by tapdisk %d (minor %d, through %s): %s:%s", what, path, t.PID, t.Minor, res.Via(), t.Driver, t.Image),
-					"disk", path, "tapdisk_pid", t.PID, "tapdisk_minor", t.Minor, "driver", string(t.Driver), "image", t.Image)
-			}
+			logDiscovered(env, what, path, res)
 			return d
 		}
 	}
@@ -76,6 +72,21 @@ func discoverDisk(env *Env, what, path string, kind rawdisk.Kind, size int64) *d
 	}
 	warnDiscovery(env, what, path, err)
 	return nil
+}
+
+// logDiscovered is the journal's info line naming what was found behind
+// a device: the tapdisk and its image, or the NBD server.
+func logDiscovered(env *Env, what, path string, res *discover.Result) {
+	if env == nil || env.Log == nil {
+		return
+	}
+	if t := res.Tapdisk; t != nil {
+		env.Log.Info(fmt.Sprintf("discovery: the %s %s is served by tapdisk %d (minor %d, through %s): %s:%s", what, path, t.PID, t.Minor, res.Via(), t.Driver, t.Image),
+			"disk", path, "tapdisk_pid", t.PID, "tapdisk_minor", t.Minor, "driver", string(t.Driver), "image", t.Image)
+	} else if x := res.NBD; x != nil {
+		env.Log.Info(fmt.Sprintf("discovery: the %s %s is served over NBD by %s, export %q", what, path, x.SocketReal, x.ExportName),
+			"disk", path, "nbd_socket", x.SocketReal, "nbd_export", x.ExportName)
+	}
 }
 
 // useDiscovered checks what discovery found and, for an aio image, reads
