@@ -59,12 +59,7 @@ func NewPlan(src, base *Chain, clusterBits uint32, size, baseSize int64) (*Plan,
 		// A disk grown since the base: what the base does not reach
 		// differs wherever the source holds data.
 		from := baseSize >> clusterBits << clusterBits
-		var tail []hints.Extent
-		for _, x := range p.Source {
-			if x.End > from {
-				tail = append(tail, hints.Extent{Start: max(x.Start, from), End: x.End})
-			}
-		}
+		_, tail := p.Source.Split(hints.Extents{{Start: 0, End: from}})
 		p.Compare = hints.Union(p.Compare, tail, span)
 	}
 	return p, nil
