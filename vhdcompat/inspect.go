@@ -46,16 +46,48 @@ func Map(env *Env, path string, dio rawdisk.IO, emit func(inspect.MapEntry) erro
 	return err
 }
 
-// Check checks the structure of the image at path, as qemu-img check does.
-func Check(env *Env, path string, dio rawdisk.IO) (*inspect.CheckResult, error) {
-	return inspectPath(env, "check", path, dio, func(d *rawdisk.Disk) (*inspect.CheckResult, error) {
-		res, err := inspect.CheckFile(d.Unaligned(), d.Size())
-		if err != nil && !inspect.IsQcow2(d.Unaligned()) {
-			// CheckVHD found no VHD either.
-			err = fmt.Errorf("%w, and %v", err, vhd.ErrNotVHD)
+// CheckReport is what check found in one image and below it: a qcow2
+// image's structure (*inspect.CheckResult) or a VHD chain's
+// (*hybrid.VHDCheck). Its JSON is the result's own.
+type CheckReport interface {
+	WriteHuman(w io.Writer) error
+	ExitCode() int
+}
+
+// Check checks the structure of the image at path, as qemu-img check does:
+// a qcow2 file or stream ("-"), or a VHD and its chain, parents searched as
+// the hybrid source searches them (next to the child, then in the
+// directories of search, vhd-tool's --path: "" is the current directory).
+// The disk is opened once and its format told there.
+func Check(env *Env, path string, dio rawdisk.IO, search string) (CheckReport, error) {
+	return inspectPath(env, "check", path, dio, func(d *rawdisk.Disk) (CheckReport, error) {
+		qcow2 := inspect.IsQcow2(d.Unaligned())
+		if !qcow2 {
+			vr, err := hybrid.CheckVHD(path, d.Unaligned(), d.Size(), searchPath(search))
+			if err != nil {
+				return nil, err
+			}
+			if vr != nil {
+				return vr, nil
+			}
 		}
-		return res, err
-	}, inspect.CheckStream)
+		res, err := inspect.CheckFile(d.Unaligned(), d.Size())
+		if err != nil {
+			if !qcow2 {
+				err = fmt.Errorf("%w, and %v", err, vhd.ErrNotVHD)
+			}
+			return nil, err
+		}
+		res.Filename = path
+		return res, nil
+	}, func(r io.Reader) (CheckReport, error) {
+		res, err := inspect.CheckStream(r)
+		if err != nil {
+			return nil, err
+		}
+		res.Filename = path
+		return res, nil
+	})
 }
 
 // Compare compares what the disks at paths a and b read as, each raw or

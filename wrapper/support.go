@@ -402,28 +402,10 @@ func (c *CheckCmd) Run(env *vhdcompat.Env) error {
 	if err != nil {
 		return err
 	}
-	if vr, err := vhdcompat.CheckVHD(env, c.Path, dio, c.Search); err != nil || vr != nil {
-		if err != nil {
-			return err
-		}
-		if c.Output == "json" {
-			err = writeJSON(env.Stdout, vr)
-		} else {
-			err = vr.WriteHuman(env.Stdout)
-		}
-		if err != nil {
-			return err
-		}
-		if code := vr.ExitCode(); code != 0 {
-			return &vhdcompat.ExitError{Code: code}
-		}
-		return nil
-	}
-	res, err := vhdcompat.Check(env, c.Path, dio)
+	res, err := vhdcompat.Check(env, c.Path, dio, c.Search)
 	if err != nil {
 		return err
 	}
-	res.Filename = c.Path
 	if c.Output == "json" {
 		err = writeJSON(env.Stdout, res)
 	} else {
