@@ -146,16 +146,6 @@ func walkFile(im *image, emit func(piece) error) error {
 	return nil
 }
 
-// appendMerged appends p, extending the last piece instead when p continues
-// it, so that a stream of millions of clusters keeps a few pieces per run.
-func appendMerged(ps []piece, p piece) []piece {
-	if n := len(ps); n > 0 && ps[n-1].continuedBy(p) {
-		ps[n-1].length += p.length
-		return ps
-	}
-	return append(ps, p)
-}
-
 // continuedBy reports whether p starts where q ends and reads the same way
 // (same kind, and host offsets that continue each other).
 func (q piece) continuedBy(p piece) bool {
