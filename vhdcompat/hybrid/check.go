@@ -56,6 +56,7 @@ func (r *VHDCheck) ExitCode() int {
 	return 0
 }
 
+// add counts a finding of the chain and shows it.
 func (r *VHDCheck) add(f VHDFinding) {
 	switch f.Severity {
 	case checkError:
@@ -65,6 +66,11 @@ func (r *VHDCheck) add(f VHDFinding) {
 	default:
 		r.Corruptions++
 	}
+	r.show(f)
+}
+
+// show lists a finding, or past MaxFindings only counts it as not shown.
+func (r *VHDCheck) show(f VHDFinding) {
 	if len(r.Findings) < vhd.MaxFindings {
 		r.Findings = append(r.Findings, f)
 	} else {
@@ -72,25 +78,16 @@ func (r *VHDCheck) add(f VHDFinding) {
 	}
 }
 
+// addReport takes one image's findings, counted by the image's report
+// (past its MaxFindings counted only).
 func (r *VHDCheck) addReport(file string, rep *vhd.Report) {
 	for _, f := range rep.Findings {
 		off := f.Offset
-		r.add(VHDFinding{Severity: f.Severity.String(), File: file, Offset: &off, Message: f.String()})
+		r.show(VHDFinding{Severity: f.Severity.String(), File: file, Offset: &off, Message: f.String()})
 	}
-	// Past MaxFindings the image's findings are counted only.
 	r.NotShown += rep.NotShown
-	r.Corruptions += rep.Corruptions - countSeverity(rep, vhd.Corruption)
-	r.Warnings += rep.Warnings - countSeverity(rep, vhd.Warning)
-}
-
-func countSeverity(rep *vhd.Report, s vhd.Severity) int {
-	n := 0
-	for _, f := range rep.Findings {
-		if f.Severity == s {
-			n++
-		}
-	}
-	return n
+	r.Corruptions += rep.Corruptions
+	r.Warnings += rep.Warnings
 }
 
 // CheckVHD checks the VHD at path, read through r (size bytes long), and
