@@ -52,18 +52,15 @@ type Client struct {
 	w       io.Writer
 	timeout time.Duration
 
-	export    string
 	size      int64
-	flags     uint16 // transmission flags
 	minBlock  int64
 	contextID uint32
 
-	cookie   uint64
-	pieces   uint64 // requests and extents so far, bounded by MaxPieces
-	broken   bool   // the stream is out of step: no NBD_CMD_DISC, just close
-	buf      [64]byte
-	scratch  []byte // option reply payloads, at most maxOptionReply
-	closeErr error
+	cookie  uint64
+	pieces  uint64 // requests and extents so far, bounded by MaxPieces
+	broken  bool   // the stream is out of step: no NBD_CMD_DISC, just close
+	buf     [64]byte
+	scratch []byte // option reply payloads, at most maxOptionReply
 }
 
 // Connect dials the server (network "unix" with a socket path, or "tcp"
@@ -95,16 +92,6 @@ func newClient(r io.Reader, w io.Writer, timeout time.Duration) *Client {
 
 // Size is the export's size in bytes.
 func (c *Client) Size() int64 { return c.size }
-
-// Export is the export's name.
-func (c *Client) Export() string { return c.export }
-
-// ReadOnly reports whether the server exports it read-only.
-func (c *Client) ReadOnly() bool { return c.flags&(1<<1) != 0 }
-
-// MinBlock is the server's minimum block size (1 when it advertised
-// none): every request is aligned to it.
-func (c *Client) MinBlock() int64 { return c.minBlock }
 
 // exchange runs fn under the connection's deadline, interrupted when ctx
 // is done; a failure leaves the stream out of step.
@@ -216,7 +203,6 @@ func (c *Client) handshake(export string) error {
 	if err := c.goExport(export); err != nil {
 		return err
 	}
-	c.export = export
 	return nil
 }
 
@@ -360,7 +346,7 @@ func (c *Client) goExport(export string) error {
 			if size > math.MaxInt64 {
 				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("export size %d", size)}
 			}
-			c.size, c.flags, haveSize = int64(size), binary.BigEndian.Uint16(p[10:]), true
+			c.size, haveSize = int64(size), true
 		case infoBlockSize:
 			if len(p) != 14 {
 				return &ProtocolError{Stage: name, Msg: fmt.Sprintf("block size info of %d bytes, not 14", len(p))}
@@ -387,18 +373,18 @@ func (c *Client) Close() error {
 	if c.conn == nil {
 		return nil
 	}
+	var discErr error
 	if !c.broken {
 		c.conn.SetDeadline(time.Now().Add(c.timeout))
 		c.broken = true
-		if err := c.write(c.request(cmdDisc, 0, 0), "NBD_CMD_DISC"); err != nil {
-			c.closeErr = err
-		}
+		discErr = c.write(c.request(cmdDisc, 0, 0), "NBD_CMD_DISC")
 	}
-	if err := c.conn.Close(); err != nil && c.closeErr == nil {
-		c.closeErr = err
-	}
+	err := c.conn.Close()
 	c.conn = nil
-	return c.closeErr
+	if discErr != nil {
+		return discErr
+	}
+	return err
 }
 
 // request encodes a transmission request with the next cookie.
