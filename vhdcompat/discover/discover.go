@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -132,7 +133,7 @@ func Discover(ctx context.Context, path string) (*Result, error) {
 		return nil, err
 	}
 	names := majors[r.Major]
-	if !contains(names, TapdevName) {
+	if !slices.Contains(names, TapdevName) {
 		what := "no name"
 		if len(names) > 0 {
 			what = strings.Join(names, ", ")
@@ -197,15 +198,6 @@ func tapdiskSocket(path string) (pid, minor int, ok bool) {
 		return 0, 0, false
 	}
 	return pid, minor, true
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // unwrapPath drops the *os.PathError around err: the messages name the
