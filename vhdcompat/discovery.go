@@ -150,7 +150,9 @@ func envCtx(env *Env) context.Context {
 func (x *openedExport) discoverExport(env *Env, req *ExportRequest, disk rawdisk.Options) error {
 	src := discoverDisk(env, "source", x.Source.Path(), x.Source.Kind(), x.Source.Size())
 	var base *discovered
-	if req.Base != "" && src != nil {
+	if req.Base != "" && src != nil && src.nbd == nil {
+		// Only a chain or an aio source uses what is behind the base (an
+		// NBD source's diff compares the base device as it is).
 		// Through the page cache, which reads nothing at open: only
 		// the device's kind and size are needed.
 		peek, err := rawdisk.OpenWith(req.Base, rawdisk.Options{IO: rawdisk.IOBuffered})
