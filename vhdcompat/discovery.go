@@ -203,18 +203,18 @@ func (x *openedExport) discoverExport(env *Env, req *ExportRequest, disk rawdisk
 // reports whether the base's chain, if any, was loaded too. A failure (a
 // parent missing, a chain that fails validation, a size that differs) is
 // one warning line, and the export goes on without the chain that failed:
-// without the base's first (the base device is then compared as it is),
-// then without either.
+// without the base's when the source's own chain loaded (the base device
+// is then compared as it is), else without either. loadHybrid sets
+// nothing of x when it fails.
 func (x *openedExport) loadDiscoveredHybrid(env *Env, h *HybridRequest) bool {
-	saved := *x
 	err := x.loadHybrid(h)
 	if err == nil {
 		x.SourceImage = h.Image
 		return true
 	}
-	if h.BaseImage != "" {
+	var own sourceChainError
+	if h.BaseImage != "" && !errors.As(err, &own) {
 		warnDiscovery(env, "base", h.BaseDevice, fmt.Errorf("image chain of %s: %w", h.BaseImage, err))
-		*x = saved
 		nb := *h
 		nb.BaseImage, nb.BaseDevice = "", ""
 		if err = x.loadHybrid(&nb); err == nil {
@@ -223,7 +223,6 @@ func (x *openedExport) loadDiscoveredHybrid(env *Env, h *HybridRequest) bool {
 		}
 	}
 	warnDiscovery(env, "source", x.Source.Path(), fmt.Errorf("image chain of %s: %w", h.Image, err))
-	*x = saved
 	return false
 }
 

@@ -83,11 +83,11 @@ func searchPath(p string) []string {
 func (x *openedExport) loadHybrid(h *HybridRequest) error {
 	src, err := openSourceChain(h.Image, h.Search)
 	if err != nil {
-		return err
+		return sourceChainError{err}
 	}
 	defer src.Close()
 	if err := sameSize("source", h.Image, src, x.Source.Path(), x.Source.Size()); err != nil {
-		return err
+		return sourceChainError{err}
 	}
 	var base *hybrid.Chain
 	var baseSize int64
@@ -109,6 +109,12 @@ func (x *openedExport) loadHybrid(h *HybridRequest) error {
 	}
 	return nil
 }
+
+// sourceChainError is a failure of the source's own chain (not opened, or
+// describing a disk of another size): a diff's base has no part in it.
+type sourceChainError struct{ error }
+
+func (e sourceChainError) Unwrap() error { return e.error }
 
 // openBaseChain opens the base's image chain. A base that is not an image
 // is refused: in hybrid mode --relative-to names the base's image (what
