@@ -111,7 +111,7 @@ func DescribeDevice(env *Env, path string, search []string) *DeviceInfo {
 		in.Error = sizeErr.Error()
 		size = -1
 	}
-	if err := in.readAllocation(res, size, search); err != nil {
+	if err := in.readAllocation(envCtx(env), res, size, search); err != nil {
 		in.Error = err.Error()
 	}
 	return in
@@ -120,14 +120,14 @@ func DescribeDevice(env *Env, path string, search []string) *DeviceInfo {
 // readAllocation fills in the chain (parents searched in search after the
 // image's directory) and the allocation an export would use; size -1
 // skips the size checks (the device could not be opened).
-func (in *DeviceInfo) readAllocation(res *discover.Result, size int64, search []string) error {
+func (in *DeviceInfo) readAllocation(ctx context.Context, res *discover.Result, size int64, search []string) error {
 	d, err := useDiscovered(res, size)
 	if err != nil {
 		return err
 	}
 	if d.nbd != nil {
 		// What an export would ask: the server's block status.
-		ext, exportSize, err := nbdDataExtents(context.Background(), d.nbd, infoClusterBits)
+		ext, exportSize, err := nbdDataExtents(ctx, d.nbd, infoClusterBits)
 		if err != nil {
 			return fmt.Errorf("%s: %w", d.nbd, err)
 		}
@@ -141,7 +141,7 @@ func (in *DeviceInfo) readAllocation(res *discover.Result, size int64, search []
 		in.setAllocation(AllocSeekData, d.extents.AlignOut(1<<infoClusterBits, d.size))
 		return nil
 	}
-	ch, err := hybrid.Open(d.image, search)
+	ch, err := openSourceChain(d.image, search)
 	if err != nil {
 		return fmt.Errorf("image chain of %s: %w", d.image, err)
 	}
@@ -151,8 +151,10 @@ func (in *DeviceInfo) readAllocation(res *discover.Result, size int64, search []
 	}
 	in.ChainDepth = len(ch.Layers)
 	top := ch.Layers[0]
-	if size >= 0 && top.VirtualSize != size {
-		return fmt.Errorf("image %s describes a disk of %d bytes, but the device has %d", d.image, top.VirtualSize, size)
+	if size >= 0 {
+		if err := sameSize("source", d.image, ch, in.Device, size); err != nil {
+			return err
+		}
 	}
 	plan, err := hybrid.NewPlan(ch, nil, infoClusterBits, top.VirtualSize, 0)
 	if err != nil {
