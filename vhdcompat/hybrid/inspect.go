@@ -68,10 +68,7 @@ func InfoVHD(v *vhd.Reader) (*VHDInfo, error) {
 	if f.DiskType == vhd.Differencing {
 		in.VHD.ParentUniqueID = uuid(v.Header.ParentUniqueID)
 		in.VHD.ParentName = v.Header.ParentName
-		paths, err := v.ParentPaths()
-		if err != nil {
-			return nil, err
-		}
+		paths := v.ParentPaths()
 		in.VHD.ParentLocators = paths
 		in.BackingFilename = v.Header.ParentName
 		if len(paths) > 0 {

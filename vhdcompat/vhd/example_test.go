@@ -31,7 +31,7 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	parents, _ := v.ParentPaths()
+	parents := v.ParentPaths()
 	fmt.Println(v.Footer.DiskType, v.VirtualSize(), parents[0])
 	_ = v.Extents(func(e vhd.Extent) error {
 		if e.Stored {

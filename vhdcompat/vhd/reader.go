@@ -234,8 +234,9 @@ func (v *Reader) runLength(bm []byte, s, n int64, set bool) int64 {
 
 // ParentPaths returns the paths named by the parent locators, in locator
 // order, skipping locators that name no path.
-func (v *Reader) ParentPaths() ([]string, error) {
-	return v.parents, nil
+// They are read and checked when the image is opened.
+func (v *Reader) ParentPaths() []string {
+	return v.parents
 }
 
 // ParentNames lists the names under which a differencing image knows its
