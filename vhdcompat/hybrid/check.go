@@ -171,9 +171,10 @@ func (r *VHDCheck) checkTimestamp(child, parent *Layer) {
 		return
 	}
 	off := int64(child.vhd.Footer.DataOffset) + 56
-	r.add(VHDFinding{Severity: vhd.Warning.String(), File: child.Path, Offset: &off, Message: fmt.Sprintf(
-		"VHD dynamic header at offset %#x: the parent time stamp %d (%s) is not the footer time stamp %d (%s) of the parent %s; tapdisk does not compare them (hiding and coalescing a parent change it) and reads the chain",
-		off, want, vhdTime(want), got, vhdTime(got), parent.Path)})
+	finding := &vhd.FormatError{Offset: off, What: "dynamic header", Reason: fmt.Sprintf(
+		"the parent time stamp %d (%s) is not the footer time stamp %d (%s) of the parent %s; tapdisk does not compare them (hiding and coalescing a parent change it) and reads the chain",
+		want, vhdTime(want), got, vhdTime(got), parent.Path)}
+	r.add(VHDFinding{Severity: vhd.Warning.String(), File: child.Path, Offset: &off, Message: finding.Error()})
 }
 
 // WriteHuman prints the result for a person, a finding a line, in the
