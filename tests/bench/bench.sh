@@ -298,6 +298,24 @@ thin_disk() {
 	done
 }
 
+# dd_runs [--buffered] DEV RUN_MIB OFFSETS...: the limit of the thin-disk
+# cases, dd reading runs of RUN_MIB MiB at those offsets (MiB) from DEV,
+# with O_DIRECT unless --buffered.
+dd_runs() {
+	local flags=direct,skip_bytes
+	if [[ $1 == --buffered ]]; then flags=skip_bytes; shift; fi
+	local dev=$1 run_mib=$2
+	shift 2
+	echo "for o in $*; do dd if=$dev of=/dev/null bs=4M iflag=$flags skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
+}
+
+# skip_rows TARGET WHY ROW...: every row of a case that cannot run here.
+skip_rows() {
+	local target=$1 why=$2 r
+	shift 2
+	for r; do skip "$r" "$target" "$why"; done
+}
+
 # thin_loop FILE: a loop device over FILE that reads it with O_DIRECT (as a
 # device on a host: no page cache of the backing file between runs).
 thin_loop() { losetup --show -f --direct-io=on "$1" 2>/dev/null || losetup --show -f "$1"; }

@@ -76,13 +76,6 @@ disc_vdi() {
 	echo "/dev/sm/backend/sr/$2"
 }
 
-# disc_dd DEV RUN_MIB OFFSETS...: the limit, dd of those runs, O_DIRECT.
-disc_dd() {
-	local dev=$1 run_mib=$2
-	shift 2
-	echo "for o in $*; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
-}
-
 # disc_check OUT RAW: the last export equals the device's content.
 disc_check() { run "qemu-img compare -q -f qcow2 -F raw $1 $2"; }
 
@@ -155,7 +148,7 @@ discovery_cases() {
 	for label in VHD "qcow2 chain"; do
 		if [[ $label == VHD ]]; then vdi=$vdi_v dev=$dv; else vdi=$vdi_q dev=$dq; fi
 		local limit
-		limit="disc_ns '$(disc_dd "$vdi" "$run_mib" "${offs[@]}")'"
+		limit="disc_ns '$(dd_runs "$vdi" "$run_mib" "${offs[@]}")'"
 		bench_first_byte "discovery $label $name: first byte" 1.2 "disc_ns '$Q2S $vdi'" "$limit" "$prep"
 		bench "discovery $label $name: total" 1.2 "disc_ns '$Q2S $vdi | cat >/dev/null'" "$limit" "$prep" "$mem"
 		device_reads "discovery $label: device bytes read / allocated" "$dev" "disc_ns '$Q2S $vdi'" "$((runs * run_mib << 20))"
@@ -166,7 +159,7 @@ discovery_cases() {
 	# allocates (the second half of the runs) is the limit.
 	bench "discovery qcow2 chain --diff (top $((runs / 2 * run_mib)) MiB): total" 1.2 \
 		"disc_ns '$Q2S $vdi_q --diff $vdi_b | cat >/dev/null'" \
-		"disc_ns '$(disc_dd "$vdi_q" "$run_mib" "${offs[@]:runs/2}")'" "$prep"
+		"disc_ns '$(dd_runs "$vdi_q" "$run_mib" "${offs[@]:runs/2}")'" "$prep"
 	run "disc_ns '$Q2S $vdi_q --diff $vdi_b -v' >$DIR/disc.diff.qcow2 2>$DIR/disc.log"
 	grep -q 'allocation=qcow2' "$DIR/disc.log" || die "the diff did not use the chains: $(cat "$DIR/disc.log")"
 	[[ -n ${BENCH_VERBOSE:-} ]] && cat "$DIR/disc.log" >&2
@@ -188,7 +181,7 @@ discovery_cases() {
 	dbig=$(thin_loop "$bigraw") && LOOPS+=("$dbig")
 	vdi_big=$(disc_vdi "$dbig" big-vdi "vhd:$DIR/disc-big.vhd")
 	local blimit
-	blimit="disc_ns '$(disc_dd "$vdi_big" "$big_mib" "${boffs[@]}")'"
+	blimit="disc_ns '$(dd_runs "$vdi_big" "$big_mib" "${boffs[@]}")'"
 	# First byte against 1 s: the "limit" is sleep 1 in the namespace.
 	local bprep
 	bprep=$(dev_prep "$dbig")

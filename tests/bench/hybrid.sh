@@ -35,7 +35,7 @@ hybrid_cases() {
 		why="blockdev not installed"
 	fi
 	if [[ -n $why ]]; then
-		for r in "${rows[@]}"; do skip "$r" 1.2 "$why"; done
+		skip_rows 1.2 "$why" "${rows[@]}"
 		return 0
 	fi
 	say "hybrid source"
@@ -44,7 +44,7 @@ hybrid_cases() {
 	run "qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on $raw $DIR/thin.vhd"
 	run "qemu-img convert -f raw -O qcow2 $raw $DIR/thin.qcow2"
 	if ! dev=$(thin_loop "$raw" 2>"$DIR/stderr"); then
-		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done
+		skip_rows 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")" "${rows[@]}"
 		rm -f "$raw" "$DIR"/thin.*
 		return 0
 	fi
@@ -56,8 +56,9 @@ hybrid_cases() {
 	# The export has no allocation pass: the tables, then each allocated
 	# cluster read once and sent (issue 18), two reads in flight where dd
 	# has one.
-	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
-	local dd_alloc="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
+	local dd_direct dd_alloc
+	dd_direct=$(dd_runs "$dev" "$run_mib" "${offs[@]}")
+	dd_alloc=$(dd_runs --buffered "$dev" "$run_mib" "${offs[@]}")
 	local mem
 	mem=$(mem_limit "$thin")
 	for fmt in VHD qcow2; do

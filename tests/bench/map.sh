@@ -16,7 +16,7 @@ map_cases() {
 	why=""
 	have qemu-img || why="qemu-img not installed"
 	if [[ -n $why ]]; then
-		for r in "${rows[@]}"; do skip "$r" 1.0 "$why"; done
+		skip_rows 1.0 "$why" "${rows[@]}"
 		return 0
 	fi
 	say "map of a fragmented image"

@@ -33,7 +33,7 @@ nbd_cases() {
 		why="blockdev not installed"
 	fi
 	if [[ -n $why ]]; then
-		for r in "${rows[@]}"; do skip "$r" 1.2 "$why"; done
+		skip_rows 1.2 "$why" "${rows[@]}"
 		return 0
 	fi
 	say "nbdhybrid source"
@@ -41,7 +41,7 @@ nbd_cases() {
 	offs=("${THIN_OFFS[@]}")
 	run "qemu-img convert -f raw -O qcow2 $raw $img"
 	if ! dev=$(thin_loop "$raw" 2>"$DIR/stderr"); then
-		for r in "${rows[@]}"; do skip "$r" 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")"; done
+		skip_rows 1.2 "losetup refused: $(head -n 1 "$DIR/stderr")" "${rows[@]}"
 		rm -f "$raw" "$img"
 		return 0
 	fi
@@ -52,7 +52,8 @@ nbd_cases() {
 	for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && break; sleep 0.05; done
 	local prep
 	prep=$(dev_prep "$dev")
-	local dd_direct="for o in ${offs[*]}; do dd if=$dev of=/dev/null bs=4M iflag=direct,skip_bytes skip=\$((o << 20)) count=$((run_mib / 4)) status=none; done"
+	local dd_direct
+	dd_direct=$(dd_runs "$dev" "$run_mib" "${offs[@]}")
 	local src="$dev:$sock:vdi:$thin" mem
 	mem=$(mem_limit "$thin")
 	local cmd="$OURS stream --source-format nbdhybrid --source $src"
